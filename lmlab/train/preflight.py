@@ -154,8 +154,8 @@ def train_job(cfg: RunConfig, run_dir: Path, device: str = "auto", resume: bool 
 def _built(cfg: RunConfig, meta: dict[str, Any], parallel: Parallel, machine: Machine, console: Console,
            **rest: Any) -> Job:
     """The job of `cfg` on `machine` (`rest`: its other fields): the micro-batch fitted to memory, the data checked
-    against meta.json before the model is built, the model (the same initial weights on every rank; under FSDP, no
-    rank holds it whole) and its optimizer step as the machine's rules build it."""
+    against meta.json and the same on every host before the model is built, the model (the same initial weights on
+    every rank; under FSDP, no rank holds it whole) and its optimizer step as the machine's rules build it."""
     tc, mc, device = cfg.train, cfg.model, machine.device
     torch.manual_seed(tc.seed)
     state = optimizer_of(tc).state_bytes
@@ -164,7 +164,12 @@ def _built(cfg: RunConfig, meta: dict[str, Any], parallel: Parallel, machine: Ma
     check_training(mc, tc.batch_size, state, device, parallel.local_world_size)  # before the data's checksums are read
     with console.status(f"Checking {cfg.data.dataset} against its meta.json..."):
         train, val = (open_tokens(Path(cfg.data.dataset), part, meta["dtype"], meta=meta) for part in ("train", "val"))
-    check_same_inputs(parallel, cfg, train.sha256, val.sha256)
+    if parallel.world_size > 1:  # every host started alike, on the same data (its path may differ, not its content)
+        settings = {f"{section}.{key}": value for section, fields in to_dict(cfg).items()
+                    for key, value in fields.items() if f"{section}.{key}" != "data.dataset"}
+        parallel.check_same("config", settings, "start every host with the same config and --set options")
+        parallel.check_same("dataset", {"train split sha256": train.sha256, "val split sha256": val.sha256},
+                            "every host must read the same dataset: keep it on the filesystem they share")
     model, wrapped = parallel.build(mc, tc.parallel, device, machine.dtype)
     parallel.own_rng(tc.seed, 0)
     step = TrainStep(model, tc, machine, wrapped=wrapped, reduce=parallel.reduce_step, agree=parallel.from_main,
@@ -219,19 +224,6 @@ def say_hardware(machine: Machine, console: Console) -> None:
     if slow := emulated_warning(machine.device, machine.dtype):
         console.print(slow, style="yellow", highlight=False)
     console.print(peak.standing(), style=None if peak.quiet and peak.native else "yellow", highlight=False)
-
-
-def check_same_inputs(parallel: Parallel, cfg: RunConfig, train_sha256: str | None,
-                      val_sha256: str | None) -> None:
-    """Under torchrun, refuse a job whose hosts were started with different configs or read different datasets
-    (its path may differ from host to host, not its content)."""
-    if parallel.world_size == 1:
-        return
-    settings = {f"{section}.{key}": value for section, fields in to_dict(cfg).items()
-                for key, value in fields.items() if f"{section}.{key}" != "data.dataset"}
-    parallel.check_same("config", settings, "start every host with the same config and --set options")
-    parallel.check_same("dataset", {"train split sha256": train_sha256, "val split sha256": val_sha256},
-                        "every host must read the same dataset: keep it on the filesystem they share")
 
 
 def resume_schedule(schedule: Schedule, intervals: tuple[int, int], new: TrainConfig, saved_plan: dict[str, Any] | None,

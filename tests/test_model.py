@@ -17,7 +17,7 @@ from lmlab.core.plugin_kinds import BUILT_IN_KINDS
 from lmlab.hf import export_hf
 from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
-from lmlab.model.gpt import GPT
+from lmlab.model.gpt import GPT, rms_norm
 from lmlab.model.kinds import KINDS
 from lmlab.run.rundir import RunDir
 from lmlab.train.optim import muon_groups
@@ -160,6 +160,37 @@ def test_every_variant_steps_incrementally_as_it_runs_whole(name):
     for _ in range(12):
         ids.append(int(m(torch.tensor([ids]))[0][0, -1].argmax()))
     assert cached == ids[3:]
+
+
+@pytest.mark.parametrize("dtype,eps,strided", [(torch.float32, None, False), (torch.float32, 1e-5, False),
+                                               (torch.bfloat16, None, True), (torch.float64, 1e-6, True)])
+def test_rmsnorm_is_torchs_both_ways_in_at_least_float32(dtype, eps, strided):
+    """lmlab's RMSNorm (its own forward and backward on the CPU) equals torch's over the input in float32 at least,
+    returned in the input's dtype: the residual stream's float32, the q/k heads' strided bf16 under autocast."""
+    torch.manual_seed(0)
+    wide = torch.promote_types(dtype, torch.float32)
+    ours, torchs = rms_norm(dataclasses.replace(CONFIG, norm_eps=eps or 0.0), 8).to(wide), torch.nn.RMSNorm(8, eps)
+    torch.nn.init.uniform_(ours.weight, 0.5, 1.5)
+    torchs.load_state_dict(ours.state_dict())
+    torchs.to(wide)
+    x = torch.randn(2, 5, 3, 8, dtype=dtype)
+    x = (x.transpose(1, 2) if strided else x).requires_grad_()
+    grad = torch.randn(x.shape, dtype=dtype)
+    ours(x).backward(grad)
+    ours_dx = x.grad
+    x.grad = None
+    want = torchs(x.to(wide)).to(dtype)
+    want.backward(grad)
+    assert ours(x).dtype == dtype and ours(x).shape == x.shape
+    close = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), want, **close)
+    torch.testing.assert_close(ours_dx, x.grad, **close)
+    torch.testing.assert_close(ours.weight.grad, torchs.weight.grad, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(ours, {"weight": w}, (x,)),
+                                        (x.detach().requires_grad_(), ours.weight.detach().requires_grad_()))
+    with torch.device("meta"):  # memory estimates build on meta, where torch's own runs
+        assert ours.to("meta")(x.to("meta")).dtype == dtype
 
 
 def test_option_parameter_counts():

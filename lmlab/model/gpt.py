@@ -14,6 +14,7 @@ from lmlab.core.config import ModelConfig
 from lmlab.model.attention import PATHS, attend, attend_written_out
 from lmlab.model.base import HeadOverStates
 from lmlab.model.kvcache import KVCache
+from lmlab.model.rmsnorm import RMSNorm
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -31,8 +32,8 @@ def mlp_width(config: ModelConfig) -> int:
     return config.mlp_hidden or (swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd)
 
 
-def rms_norm(config: ModelConfig, dim: int) -> nn.RMSNorm:
-    return nn.RMSNorm(dim, eps=config.norm_eps or None)  # None: the machine epsilon of the input's dtype
+def rms_norm(config: ModelConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, eps=config.norm_eps or None)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -100,8 +101,7 @@ class CausalSelfAttention(nn.Module):
         qkv = matmul(self.c_attn, x).split([self.n_head * hs, kv * hs, kv * hs], dim=2)
         q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in qkv)  # (B, nh or nkv, T, hs)
         if self.q_norm is not None and self.k_norm is not None:  # bounds the attention logits, which can spike the loss
-            # in fp32, as autocast runs LayerNorm
-            q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is None:

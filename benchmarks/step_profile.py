@@ -3,12 +3,14 @@ builds, as the demo trains it) profiled by torch.profiler over steps after a war
 where it runs (a module of the model, the attention's core, the optimizer's step, the data) and what it is.
 
     python benchmarks/step_profile.py [--config configs/shakespeare-char-modern-cpu.toml] [--size 3]
-        [--dtype auto|float32|bfloat16] [--threads N] [--slow-host] [--steps 8] [--warmup 3] [--random] [--dry-run]
+        [--dtype auto|float32|bfloat16] [--threads N] [--slow-host] [--steps 8] [--warmup 3] [--random]
+        [--torch-norm] [--dry-run]
 
 `--size 3` is the depth of the preset's family `make demo` trains on 2 cores (3 layers of 192; 0: the config's own
 shape); the dtype and attention path are the machine's rules' (train.dtype "auto" unless `--dtype`), the threads
-lmlab's rule's unless `--threads`; `--slow-host` is float32 on one thread, the slow AVX2 host's stand-in. Batches are
-the dataset's where it is prepared, else (and with --random) random tokens of its vocabulary. The kinds:
+lmlab's rule's unless `--threads`; `--slow-host` is float32 on one thread, the slow AVX2 host's stand-in;
+`--torch-norm` puts torch's RMSNorm in place of lmlab's own CPU one (lmlab/model/rmsnorm.py), to weigh the two. Batches
+are the dataset's where it is prepared, else (and with --random) random tokens of its vocabulary. The kinds:
 
 - matmuls: the weights' matmuls (attention's projections, the MLP, the head), forward and backward;
 - attention: its core (torch's fused kernel, or the math path's scores, softmax and weighted sum), both ways;
@@ -58,6 +60,7 @@ from lmlab.data.shards import read_meta
 from lmlab.experiments.bench import with_vocab
 from lmlab.experiments.family import Family, read_fit
 from lmlab.model import base, build_model, gpt
+from lmlab.model.rmsnorm import RMSNorm, wide
 from lmlab.train.step import TrainStep
 
 CPU = torch.device("cpu")
@@ -153,7 +156,11 @@ def set_up(args: argparse.Namespace) -> Setup:
     machine = Machine.of("cpu", tc.dtype, tc.threads)
     configure(CPU)
     torch.manual_seed(tc.seed)
-    step = TrainStep(build_model(mc), tc, machine)
+    model = build_model(mc)
+    if args.torch_norm:  # as lmlab ran it before its own CPU norm: torch's, in float32, back in the input's dtype
+        for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
+            norm.forward = functools.partial(lambda norm, x: nn.RMSNorm.forward(norm, wide(x)).type_as(x), norm)
+    step = TrainStep(model, tc, machine)
     batches: Batches
     if prepared and not args.random:
         meta = read_meta(Path(cfg.data.dataset))
@@ -432,6 +439,8 @@ def arguments() -> argparse.Namespace:
                         help="the vocabulary of random tokens where the dataset is not prepared")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a setting of the config, as `lmlab train --set` takes it")
+    parser.add_argument("--torch-norm", action="store_true",
+                        help="torch's RMSNorm in place of lmlab's own CPU one (lmlab.model.rmsnorm): to weigh the two")
     parser.add_argument("--dry-run", action="store_true", help="2 steps after 1: that it runs, not a figure")
     args = parser.parse_args()
     if args.slow_host:

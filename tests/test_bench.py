@@ -243,12 +243,13 @@ KIND_ROW = re.compile(r"^│ (?P<kind>[A-Za-z][\w ,]*?) +│ +(?P<ms>[\d,.]+) �
 def test_the_step_profile_has_a_row_per_kind_whose_shares_make_the_step_and_lmlab_s_flops(tmp_path, char_dataset):
     """benchmarks/step_profile.py --dry-run on a tiny config, as a process: a row per kind, their ms and shares adding
     up to the step's, and the GFLOP column (matmuls by their shapes, attention by lmlab's count) adding up to
-    flops_per_token x the step's tokens. A verdict on the table's structure and arithmetic, never on speed."""
+    flops_per_token x the step's tokens, with torch's norm in place of lmlab's (every other test trains lmlab's). A
+    verdict on the table's structure and arithmetic, never on speed."""
     from benchmarks.step_profile import KINDS, WHERE
 
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     done = subprocess.run([sys.executable, "benchmarks/step_profile.py", "--config", str(config), "--size", "0",
-                           "--dry-run", *(arg for setting in MODERN for arg in ("--set", setting))],
+                           "--dry-run", "--torch-norm", *(arg for setting in MODERN for arg in ("--set", setting))],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     kinds, places = done.stdout.split("by where they run")

@@ -1,8 +1,8 @@
 """RMSNorm computed in float32 at least, whatever its input's dtype, and returned in that dtype. On the CPU torch
 runs it op by op both ways (its `_fused_rms_norm` is composite there, with no backward of its own): a dozen passes
 over the activations, and casts around the bf16 queries and keys. Here the CPU's forward and backward are the closed
-forms in the fewest passes eager torch allows (benchmarks/step_profile.py weighs the two). Elsewhere, and under
-torch.compile, which fuses the norm itself, it is torch's own."""
+forms in the fewest passes eager torch allows (`benchmarks/step_profile.py --torch-norm` weighs the two).
+Elsewhere, and under torch.compile, which fuses the norm itself, it is torch's own."""
 
 from __future__ import annotations
 

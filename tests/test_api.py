@@ -24,7 +24,7 @@ def quiet() -> Console:
     return Console(quiet=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory, char_dataset) -> tuple[lmlab.Run, lmlab.Run]:
     """Two tiny runs of the same data: a 2-layer and a 1-layer model, 20 steps each."""
     root = tmp_path_factory.mktemp("api")

@@ -168,7 +168,7 @@ CELLS = [*(pytest.param(row, cls, VALUES[row.kind][cls], id=f"{row.command.split
            for row in ROWS for value in row.beyond)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def paths(tmp_path_factory, corpus_dir, char_dataset, tiny_run) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("numbers")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=10)

@@ -88,7 +88,7 @@ def test_a_preset_without_a_fit_takes_its_recipes_and_else_the_nearest_saying_ho
     assert prior(own, load_config(own)).own  # its own first
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def other_data(tmp_path_factory):
     """A char dataset of other text than the fit's."""
     root = tmp_path_factory.mktemp("other")

@@ -211,7 +211,7 @@ QUADRATIC = ("{% for m in messages %}{% for a in m.content %}{% for b in m.conte
              "{{ m.content }}{% endfor %}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def qwen_source(tmp_path_factory, corpus_dir) -> Path:
     return hf_chat_model(tmp_path_factory.mktemp("hostile") / "Qwen2.5-tiny-Instruct", "qwen2.5", corpus_dir)
 

@@ -32,12 +32,12 @@ BLOCK = 32  # TINY_CONFIG's model.block_size
 ROW = BLOCK + 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def texts() -> list[str]:
     return documents(120, words=(3, 60))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def crop_dataset(tmp_path_factory, texts):
     """Prepared from the relative path docs.jsonl: a document's name (which decides the split, and so the words
     word:100 learns) is its source path as given, so an absolute temporary path would change the dataset from

@@ -52,12 +52,12 @@ def resumable_at(run: Path, step: int, copy: Path) -> Path:
     return copy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory, char_dataset) -> Path:
     return write_config(tmp_path_factory.mktemp("cfg") / "tiny.toml", char_dataset, max_iters=20)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single(tmp_path_factory, config) -> Path:
     """The reference: 60 steps in one process, without torchrun."""
     run = tmp_path_factory.mktemp("single") / "run"

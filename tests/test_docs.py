@@ -232,7 +232,7 @@ def test_the_generated_reference_is_up_to_date_whatever_the_terminals_width(name
 
 # --- the guides, run ---
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fixtures(tmp_path_factory) -> Path:
     """The files docs/README.md promises a guide's test run: small, generated, offline."""
     tiny = tmp_path_factory.mktemp("docs") / "tiny"

@@ -33,7 +33,7 @@ from tests import lm_eval_reference  # noqa: E402  (needs lm_eval)
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bpe_run(tmp_path_factory, corpus_dir) -> Path:
     """A tiny GPT (context 64) trained 30 steps on a byte-level BPE dataset, a checkpoint every 10 steps, all kept."""
     root = tmp_path_factory.mktemp("tasks")
@@ -45,7 +45,7 @@ def bpe_run(tmp_path_factory, corpus_dir) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tasks(tmp_path_factory) -> dict[str, Path]:
     """A generic-layout task (24 items: an empty context and a context ending in a space among them) and a
     HellaSwag-layout one (8 items with WikiHow's markup), all fitting the run's 64-token context."""

@@ -52,7 +52,7 @@ def link_site_packages(names: set[str], target: Path) -> None:
                 (target / file).symlink_to(source)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bare_python(tmp_path_factory) -> Path:
     """The Python of a venv with lmlab's dependencies and none of its extras (lmlab itself from this tree)."""
     venv = tmp_path_factory.mktemp("bare") / "venv"
@@ -95,7 +95,7 @@ def refused(done: subprocess.CompletedProcess, needs: str, install: str) -> None
                         rf"{re.escape(install)}`.*\.\n", done.stderr), done.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, char_dataset) -> Path:
     """A trained char run, made in the test venv: what serve and export-gguf would read."""
     from rich.console import Console

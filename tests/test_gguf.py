@@ -41,7 +41,7 @@ BOUND = {"f32": 1e-3, "f16": 1e-2, "q8_0": 0.15}
 GPT2_F32_BOUND = 2e-3
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory, writing_char_run, corpus_dir) -> dict[str, Path]:
     """A char run (GPT-2's shape), a bpe run (Qwen3's shape), and two imported random models with a bpe
     tokenizer: a Llama with grouped-query attention, biases and an untied head (llama.cpp's `llama`, its rotary

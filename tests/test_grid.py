@@ -21,7 +21,7 @@ from lmlab.train.preflight import train_job
 from tests.helpers import LMLAB, run_cli, write_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("grid")
     config = write_config(root / "tiny.toml", char_dataset, max_iters=10)
@@ -131,7 +131,7 @@ def test_a_grid_of_many_prompts_shows_its_progress(capsys, tmp_path, tiny_run):
     assert "cell 200/200" in err and "/s" in err and "written to" in err
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_and_instruct(tmp_path_factory, corpus_dir, char_dataset):
     """A trained lmlab run (char) and an imported instruct model (Qwen2.5-style template), both tiny."""
     from lmlab.core.config_toml import load_config

@@ -44,7 +44,7 @@ from tests.hf_reference import (  # noqa: E402  (needs transformers)
 FAST = ("gpt2", "llama gqa untied bias", "qwen2", "qwen3")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bpe(corpus_dir):
     texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
     return train_tokenizer("bpe:300", texts, texts)

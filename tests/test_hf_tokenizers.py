@@ -52,7 +52,7 @@ class KindRuns(dict):
         return self[kind]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kind_runs(tmp_path_factory, corpus_dir, hf_gpt2) -> KindRuns:
     return KindRuns(tmp_path_factory.mktemp("kinds"), corpus_dir, hf_gpt2)
 

@@ -23,7 +23,7 @@ from lmlab.train.budget import Costs
 from tests.helpers import LMLAB, lmlab, refused, refused_process, roomier, write_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def preset(tmp_path_factory, char_dataset) -> Path:
     """The tiny preset: 256 tokens a step, so 2k tokens are 8 steps (the fewest a miniseries run trains)."""
     return write_config(tmp_path_factory.mktemp("preset") / "mini.toml", char_dataset)

@@ -187,12 +187,12 @@ def row(fault: str, happened: str, detect: float, final: str) -> None:
     print(f"FAULT | {fault} | {happened} | {detect:.1f} s | nothing | {final}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory, char_dataset) -> Path:
     return write_config(tmp_path_factory.mktemp("cfg") / "tiny.toml", char_dataset, max_iters=STEPS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single(tmp_path_factory, config) -> Path:
     """The reference: the run in one process, without torchrun."""
     run = tmp_path_factory.mktemp("single") / "run"
@@ -200,7 +200,7 @@ def single(tmp_path_factory, config) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, config) -> tuple[Path, int]:
     """The run over two hosts, uninterrupted: what every fault's run must end equal to; and the bytes host 1
     received over the veth meanwhile."""
@@ -282,7 +282,7 @@ def test_a_partition_longer_than_the_collective_timeout_ends_both_hosts_naming_e
         f"val {final:.6f} vs {want:.6f} (continued in one process)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def other_dataset(tmp_path_factory) -> Path:
     """A dataset of the same characters as char_dataset's, from other documents."""
     folder = tmp_path_factory.mktemp("other")

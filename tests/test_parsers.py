@@ -106,7 +106,7 @@ SETTING_VALUES = st.one_of(
     st.text(string.printable, max_size=30))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory, char_dataset) -> Path:
     return write_config(tmp_path_factory.mktemp("props") / "tiny.toml", char_dataset)
 

@@ -34,7 +34,7 @@ LEGACY = Path(__file__).parent / "data" / "legacy"
 MODERN = ["model.pos_emb=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
     """A GPT-2-style run of 40 steps and a modern one trained to 20 steps, then resumed to 40."""
     root = tmp_path_factory.mktemp("report")
@@ -46,7 +46,7 @@ def two_runs(tmp_path_factory, char_dataset) -> tuple[Path, Path]:
     return gpt2, modern
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def report(two_runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out") / "report"
     assert main(["report", *map(str, two_runs), "--out", str(out), "--device", "cpu"]) == 0

@@ -278,7 +278,7 @@ def test_a_fine_tune_killed_or_stopped_at_any_point_then_run_again_ends_bitwise_
     assert [e for e in stable_events(stopped) if e != stops or stops in stable_events(whole)] == stable_events(whole)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def other_tokenizer(tmp_path_factory, corpus_dir, char_dataset) -> Path:
     """A char dataset of as many characters as the runs' but not the same ones (w and W become Q and Z)."""
     from lmlab.data.prepare import prepare
@@ -467,7 +467,7 @@ def test_every_setting_has_its_resume_outcome_stated():
     assert {key.replace("options.width", "options") for key in RESUMED} == fields
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def resumable(tmp_path_factory, char_dataset) -> dict[str, Path]:
     """A run by steps ended at step 20, and a budgeted run cut back to its checkpoint before the last (its steps
     to the end are few); and a copy of their dataset elsewhere."""

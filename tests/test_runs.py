@@ -25,7 +25,7 @@ from lmlab.train.preflight import train_job
 from tests.helpers import ALPACA_TINY, LMLAB, write_config, write_corpus
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def three_runs(tmp_path_factory, char_dataset) -> list[Path]:
     """Three real trainings of different widths on the tests' play-like corpus."""
     root = tmp_path_factory.mktemp("compare")
@@ -263,7 +263,7 @@ def test_a_live_run_is_listed_as_running_with_a_current_plot(tmp_path, char_data
     assert summarize(run).status == "crashed"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_tokenizers(tmp_path_factory, corpus_dir, char_dataset) -> list[Path]:
     """The same text as characters and as bpe:300 tokens; the bpe run passes over its split 4.3 times."""
     root = tmp_path_factory.mktemp("tokenizers")

@@ -389,7 +389,7 @@ def test_serving_beyond_loopback_needs_a_key_and_a_bad_key_or_name_is_refused(tm
     assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def char_run(tmp_path_factory, char_dataset) -> Path:
     """A tiny char-level run: it has no end-of-text token, so it decodes until max_tokens."""
     root = tmp_path_factory.mktemp("drain")

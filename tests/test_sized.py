@@ -20,7 +20,7 @@ from lmlab.train.optim import OPTIMIZERS
 from tests.helpers import write_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory, char_dataset) -> Path:
     from lmlab.core.config_toml import load_config
     from lmlab.train.loop import Trainer

@@ -51,7 +51,7 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def preset(tmp_path_factory, char_dataset) -> Path:
     """The tiny preset (2 layers of 32, heads of 16: depth d is d layers of 16 x d) with a fit that predicts depths 1
     and 2 (within EXTRAPOLATION x its largest run), the larger the better: 2 is the choice at any speed."""
@@ -62,7 +62,7 @@ def preset(tmp_path_factory, char_dataset) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sized_cache(tmp_path_factory, own_cache) -> Path:
     """The cache `sized` times its sizes into: the session's peaks, no step timings. The session's cache holds what
     other tests' runs of the same tiny shapes timed, under whatever load they had, which a sized run would read back."""
@@ -74,7 +74,7 @@ def sized_cache(tmp_path_factory, own_cache) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sized(preset, tmp_path_factory, sized_cache):
     """A run sized by --size auto for a 20 s budget, on one thread; a longer budget where a busy machine's start-up
     left it no evaluation, or its timings left no share of the budget to time depth 2 (the verdicts are on what the

@@ -134,7 +134,7 @@ TEXTS = [*TRAIN, ARBITRARY]
 UNSEEN = "a never seen text: zebra ✓ 𝄞"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A folder with a byte-level BPE that has <|endoftext|>, as GPT-2's files would be."""
     folder = tmp_path_factory.mktemp("gpt2")

@@ -252,7 +252,7 @@ OUTPUTS = {
 MAKE_RUNS = {("train", "--run"), ("finetune", "--out"), ("finetune", "--run"), ("import-hf", "--out")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def paths(tmp_path_factory, tiny_run, corpus_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("outputs")
     victim = Path(shutil.copytree(tiny_run, root / "victim"))

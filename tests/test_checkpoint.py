@@ -3,7 +3,9 @@ a disk margin of the checkpoint's own size."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -20,6 +22,7 @@ from lmlab.core.config import ModelConfig, TrainConfig
 from lmlab.core.config_toml import load_config
 from lmlab.core.errors import UserError
 from lmlab.model.gpt import GPT
+from lmlab.run import checkpoint as ckpt
 from lmlab.run.checkpoint import checkpoint_bytes, load_checkpoint, model_tensors, save_checkpoint
 from lmlab.run.rundir import RunDir
 from lmlab.train.loop import Trainer
@@ -28,6 +31,7 @@ from lmlab.train.step import TrainStep
 from tests.helpers import (
     LMLAB,
     a_machine,
+    copy_run,
     kill_and_resume,
     same_weights,
     stable_events,
@@ -261,6 +265,43 @@ def _addresses(model, optimizer) -> dict:
     """Where each weight and each tensor of the optimizer's state lives."""
     return {**{name: t.data_ptr() for name, t in model.state_dict().items()},
             **{(i, k): v.data_ptr() for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}}
+
+
+class Killed(BaseException):
+    """What a kill -9 does to a write, here: nothing after it runs."""
+
+
+def test_a_kill_anywhere_in_a_checkpoints_write_leaves_latest_the_newest_whole_checkpoint(tmp_path, tiny_run,
+                                                                                            monkeypatch):
+    """At every rename and fsync of a checkpoint's write a kill leaves `latest` the newest whole step folder, the
+    one a resume goes on from: killed between the folder's rename and its pointer, `latest` named the one before,
+    and the resume trained again the steps the newer one held."""
+    run = copy_run(tiny_run, tmp_path)
+    root, before = RunDir(run).checkpoints, RunDir(run).checkpoint("latest")
+    weights = {name: torch.zeros(2) for name in ("a", "b")}
+    real_replace, real_fsync = os.replace, ckpt.fsync
+    for kill_at in itertools.count(1):
+        calls = itertools.count(1)
+
+        def counted(real, kill_at=kill_at, calls=calls):
+            def call(*args, **kwargs):
+                if next(calls) == kill_at:
+                    raise Killed
+                return real(*args, **kwargs)
+            return call
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", counted(real_replace))
+            patch.setattr(ckpt, "fsync", counted(real_fsync))
+            try:
+                save_checkpoint(root, 99, weights, {"state": {}, "param_groups": []}, {}, best=False)
+            except Killed:
+                ckpt.remove_partial(root)  # what a resume does first
+                whole = RunDir(run).step_folders()
+                assert whole[-1] in (before, root / "step_000099") and RunDir(run).checkpoint("latest") == whole[-1]
+                continue
+        break
+    assert kill_at > 4 and RunDir(run).checkpoint("latest") == root / "step_000099"
 
 
 def test_a_checkpoints_disk_margin_is_its_own_size_not_a_fixed_16_mib(tiny_run):

@@ -116,9 +116,11 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
         raise
     if final.exists():  # the same step again after a resume
         shutil.rmtree(final)
+    # `latest` moves before the folder takes its name: killed between the two, it names no folder and reads as the
+    # newest whole one, the one before; moved after, it named the one before beside a newer whole folder
+    atomic_write_text(root / "latest", final.name)
     os.replace(tmp, final)
     fsync(root)
-    atomic_write_text(root / "latest", final.name)
     if best:
         atomic_write_text(root / "best", final.name)
     return final

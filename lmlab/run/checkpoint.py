@@ -85,7 +85,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    state: dict[str, Any], best: bool, whole: Callable[[], None] | None = None) -> Path:
+                    state: dict[str, Any], best: bool, whole: Callable[[], None] = lambda: None) -> Path:
     """Write root/step_<N>/ through a temporary folder and point `latest` (and `best`) at it. `weights` is
     `model_tensors(model)` and `optimizer_state` the optimizer's state_dict, both whole even when sharded; `whole`
     is called before the folder takes its name (what it raises leaves no checkpoint)."""
@@ -109,15 +109,13 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
         atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step, "optimizer": plain,
                                                            "files": files}, indent=1))
         fsync(tmp)
-        if whole is not None:
-            whole()
+        whole()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint is whole or absent
         raise
     if final.exists():  # the same step again after a resume
         shutil.rmtree(final)
-    # `latest` moves before the folder takes its name: killed between the two, it names no folder and reads as the
-    # newest whole one, the one before; moved after, it named the one before beside a newer whole folder
+    # `latest` first: killed before the rename it names no folder, read as the newest whole one, not an older one
     atomic_write_text(root / "latest", final.name)
     os.replace(tmp, final)
     fsync(root)

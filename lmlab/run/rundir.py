@@ -227,7 +227,7 @@ class RunDir:
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                         training: dict[str, Any] | None, best: bool, keep: int,
-                        whole: Callable[[], None] | None = None) -> Path:
+                        whole: Callable[[], None] = lambda: None) -> Path:
         """A step folder of the weights, the optimizer and `training`; then only the newest `keep` step folders,
         best, latest and the resume points remain."""
         self._check_writer()

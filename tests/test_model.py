@@ -186,6 +186,9 @@ def test_rmsnorm_is_torchs_both_ways_in_at_least_float32(dtype, eps, strided):
     torch.testing.assert_close(ours(x), want, **close)
     torch.testing.assert_close(ours_dx, x.grad, **close)
     torch.testing.assert_close(ours.weight.grad, torchs.weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # decoding and evaluating: torch's own forward, the faster without a backward
+        assert ours(x).dtype == dtype
+        torch.testing.assert_close(ours(x), want, **close)
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(ours, {"weight": w}, (x,)),
                                         (x.detach().requires_grad_(), ours.weight.detach().requires_grad_()))

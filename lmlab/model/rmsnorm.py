@@ -1,8 +1,8 @@
 """RMSNorm computed in float32 at least, whatever its input's dtype, and returned in that dtype. On the CPU torch
 runs it op by op both ways (its `_fused_rms_norm` is composite there, with no backward of its own): a dozen passes
 over the activations, and casts around the bf16 queries and keys. Here the CPU's forward and backward are the closed
-forms in the fewest passes eager torch allows (`benchmarks/step_profile.py --torch-norm` weighs the two).
-Elsewhere, and under torch.compile, which fuses the norm itself, it is torch's own."""
+forms in the fewest passes eager torch allows (`benchmarks/step_profile.py --torch-norm` weighs the two). Without a
+gradient (decoding), elsewhere, and under torch.compile, which fuses the norm itself, it is torch's own."""
 
 from __future__ import annotations
 
@@ -43,6 +43,6 @@ class RMSNorm(nn.RMSNorm):
     machine epsilon of the dtype it computes in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _OnCPU.apply(x, self.weight, self.eps)
         return super().forward(wide(x)).type_as(x)

@@ -1,7 +1,8 @@
 """The same model in lmlab and in llama.cpp: batch-1 prompt and decode speed, one table.
 
     python -m benchmarks.llama_cpp_side_by_side [--shapes gpt2,demo] [--threads 1,all] [--tokens 256]
-        [--prompt 128] [--repeats 3]                (from the repository root, with the test extras installed)
+        [--prompt 128] [--repeats 3] [--kernel-prompt] [--no-repack]
+                                                    (from the repository root, with the test extras installed)
 
 Two shapes with random weights (speed does not depend on them), each written as a run folder and exported with
 `lmlab export-gguf` at f32, f16 and q8_0: GPT-2 small's (12 layers, 768 wide, context 1024, a byte-level BPE of
@@ -20,10 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
+import llama_cpp
 import torch
 from llama_cpp import Llama
 from rich.table import Table
@@ -35,8 +40,10 @@ from lmlab.core.config import ModelConfig, SamplingParams
 from lmlab.core.progress import ItemProgress
 from lmlab.data.tokenizers import Tokenizer, train_tokenizer
 from lmlab.gguf import export_gguf
+from lmlab.inference import int8_matmul
 from lmlab.inference.compiled import compile_step
 from lmlab.inference.decode import Decoder, Sequence
+from lmlab.inference.int8_matmul import DENSE_ROWS
 from lmlab.inference.quantize import quantize
 from lmlab.run.rundir import RunDir
 
@@ -67,17 +74,18 @@ class Lmlab:
     """lmlab's decoder with its compiled step at the thread count it was compiled for, from weights quantized as
     `quantized` says."""
 
-    def __init__(self, run: Path, threads: int, quantized: str = "none"):
+    def __init__(self, run: Path, threads: int, quantized: str = "none", dense_rows: int = DENSE_ROWS):
         torch.set_num_threads(threads)
         self.model, self.threads = quantize(RunDir(run).load("best", "cpu").model, quantized), threads
-        self.step = compile_step(self.model, 1, torch.float32)
+        self.step, self.dense_rows = compile_step(self.model, 1, torch.float32), dense_rows
 
     def measure(self, prompt: list[int], tokens: int) -> tuple[float, float]:
         torch.set_num_threads(self.threads)
         decoder = Decoder(self.model, 1, torch.float32, self.step)
         seq = Sequence(list(prompt), SamplingParams(max_new_tokens=tokens, temperature=0))
         started = time.perf_counter()
-        decoder.join(seq)
+        with mock.patch.object(int8_matmul, "DENSE_ROWS", self.dense_rows):
+            decoder.join(seq)
         read = time.perf_counter()
         while not seq.exhausted:
             decoder.step()
@@ -85,11 +93,20 @@ class Lmlab:
 
 
 class LlamaCpp:
-    """llama.cpp on an exported file, its defaults but the threads."""
+    """llama.cpp on an exported file, its defaults but the threads; without `repack`, its weights are not repacked
+    into its extra buffer types (its AMX and repacked kernels)."""
 
-    def __init__(self, path: Path, threads: int, context: int):
-        self.model = Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=context,
-                           verbose=False)
+    def __init__(self, path: Path, threads: int, context: int, repack: bool = True):
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def unrepacked() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", defaults if repack else unrepacked):
+            self.model = Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=context,
+                               verbose=False)
 
     def measure(self, prompt: list[int], tokens: int) -> tuple[float, float]:
         self.model.reset()
@@ -108,13 +125,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernel-prompt", action="store_true",
+                        help="also lmlab's int8 with its prompt through the int8 kernel, not densely (DENSE_ROWS)")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="llama.cpp without its repacked weights (its AMX kernels crashed on one AMX host)")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     threads = sorted({cores if t == "all" else int(t) for t in args.threads.split(",")})
     shapes = args.shapes.split(",")
     table = Table("model", "threads", "engine", "prompt tok/s", "decode tok/s",
                   title=f"Batch-1 speed: a prompt of {args.prompt} tokens (half the context at most), then up to "
-                        f"{args.tokens} decoded ({cores} cores, torch {torch.__version__})")
+                        f"{args.tokens} decoded ({cores} cores, torch {torch.__version__}"
+                        f"{', llama.cpp not repacking' if args.no_repack else ''})")
     progress, warnings = ItemProgress(console, len(shapes) * len(threads) * (1 + args.repeats)), []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
@@ -128,7 +150,10 @@ def main() -> None:
                 progress.start(f"{shape}, {count} threads: compiling lmlab's step, loading llama.cpp")
                 engines = {"lmlab compiled (f32)": Lmlab(run, count),
                            "lmlab compiled (int8)": Lmlab(run, count, "int8"),
-                           **{f"llama.cpp {kind}": LlamaCpp(path, count, context) for kind, path in files.items()}}
+                           **({"lmlab compiled (int8), kernel prompt": Lmlab(run, count, "int8", sys.maxsize)}
+                              if args.kernel_prompt else {}),
+                           **{f"llama.cpp {kind}": LlamaCpp(path, count, context, not args.no_repack)
+                              for kind, path in files.items()}}
                 best = {name: (0.0, 0.0) for name in engines}
                 for repeat in range(args.repeats):  # alternating, so that a slow moment hits every engine
                     progress.start(f"{shape}, {count} threads: round {repeat + 1} of {args.repeats}")

@@ -45,6 +45,7 @@ from lmlab.core.machine import Machine
 from lmlab.core.threads import ThreadChooser
 from lmlab.data.loader import open_tokens
 from lmlab.inference.decode import Decoder, Sequence
+from lmlab.inference.int8_matmul import DENSE_ROWS
 from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, readable
 from lmlab.run.rundir import RunDir
 from tests.cpu_kind.sitecustomize import KIND_VARIABLE, answering
@@ -936,7 +937,8 @@ def int8_holds(model: torch.nn.Module) -> list[int]:
     """What holds on every CPU kind: from int8 weights, float32's greedy tokens and each step's logits within the
     stated tolerance; every matmul whose inputs the kernel reads (`readable`: a multiple of the CPU's vector width)
     from int8, the others from float32, for that reason alone. Returns the input widths of those left float32."""
-    prompts = [CYCLE[:5], CYCLE[7:9]]
+    dense = [CYCLE[i % len(CYCLE)] for i in range(DENSE_ROWS + 1)]  # a prompt whose matmuls are dense
+    prompts = [CYCLE[:5], CYCLE[7:9], dense]
     want, exact = greedy(model, prompts)
     quantized = quantize(copy.deepcopy(model), "int8")
     got, approx = greedy(quantized, prompts)

@@ -20,6 +20,8 @@ from lmlab.core.config import ModelConfig
 from lmlab.core.errors import UserError
 from lmlab.inference.compiled import step_key
 from lmlab.inference.decode import Decoder
+from lmlab.inference.int8 import Int8Linear
+from lmlab.inference.int8_matmul import DENSE_ROWS, dense_dtype, int8_matmul
 from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.model import build_model
@@ -40,7 +42,7 @@ def trained() -> Iterator[dict[str, torch.nn.Module]]:
     torch.set_num_threads(1)
     for name, kind in MODELS.items():
         torch.manual_seed(0)
-        model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=64, vocab_size=50, **kind))
+        model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=128, vocab_size=50, **kind))
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
         data, rng = torch.tensor(CYCLE * 10), torch.Generator().manual_seed(2)
         for _ in range(40):
@@ -90,6 +92,25 @@ def test_int8_holds_on_a_faked_twin_of_each_cpu_kind(monkeypatch, trained, tmp_p
     narrow = VECTORS[kind] == "AVX2"
     assert json.loads(job.stdout.splitlines()[-1]) == {
         "vectors": VECTORS[kind], "left float32": {"gpt2-style": [], "modern": [] if narrow else [88], "gru": []}}
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_a_prompts_many_rows_multiply_densely_and_a_decode_steps_few_through_the_kernel(monkeypatch, kind):
+    """Either way, the products of the int8 weights and their scales within bfloat16's rounding, the dense ones as
+    near them as the kernel's (each weight scaled and rounded once); densely in bfloat16 where the CPU kind multiplies
+    it natively, else in float32."""
+    fake_cpu(monkeypatch, kind)
+    torch.manual_seed(0)
+    layer, x = Int8Linear(torch.nn.Linear(64, 48)), torch.randn(DENSE_ROWS, 64)
+    exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T
+    dense = torch.bfloat16 if CPU_KINDS[kind][0] else torch.float32
+    assert dense_dtype() == dense
+    rows = torch.cat([int8_matmul(x[i:i + 1], layer.weight, layer.scales) for i in range(DENSE_ROWS)])
+    errors = []
+    for got, dtype in ((int8_matmul(x, layer.weight, layer.scales), dense), (rows, torch.bfloat16)):
+        assert got.dtype == dtype
+        errors.append(((got.double() - exact).abs().max() / exact.std()).item())
+    assert errors[1] < 0.02 and errors[0] <= 1.5 * errors[1], errors
 
 
 def test_int8_decoding_caches_keys_and_values_as_bfloat16_and_float_decoding_as_its_own_dtype(trained):

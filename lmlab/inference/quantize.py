@@ -1,15 +1,15 @@
 """Decoding from 8-bit weights on the CPU (`--quantize int8`). At a few rows a decode step is bound by reading its
 weights, and int8 reads a quarter of float32's bytes: every matmul's weights, the head's too, are held as int8 with a
-scale per output channel, read by PyTorch's weight-only int8 kernel (lmlab.inference.int8). The token table stays
-float32: a step reads one row of it. A matmul whose inputs the kernel cannot read (`readable`) keeps float32 weights.
-Past the weights, a step reads every cached key and value: as float32, 19 MB at position 256 and 66 MB at 900 in
-GPT-2 small's shape, beside 124 MB of int8 weights. int8 decoding caches them as bfloat16 (`state_dtype`), attention
-still computed in float32 from them as read (compiled, the conversion fuses into the kernels that load them).
-AOTInductor compiles such a model as it compiles a float32 one (every matmul through Inductor's own C++ int8 GEMM
-template), and it pays most here: compiled, a step is one call into C++ (with --compile; eagerly, PyTorch's
-kernel is slower than the fbgemm one that dynamic quantization used, which nothing compiles).
-benchmarks/llama_cpp_side_by_side.py times it beside the compiled float32 step and llama.cpp's q8_0. No torch at the
-top: the commands read QUANTIZE as they parse."""
+scale per output channel, read by PyTorch's weight-only int8 kernel at a step's few rows (a prompt's many convert them
+for one dense matmul: lmlab.inference.int8_matmul). The token table stays float32: a step reads one row of it. A matmul
+whose inputs the kernel cannot read (`readable`) keeps float32 weights. Past the weights, a step reads every cached key
+and value: as float32, 19 MB at position 256 and 66 MB at 900 in GPT-2 small's shape, beside 124 MB of int8 weights.
+int8 decoding caches them as bfloat16 (`state_dtype`), attention still computed in float32 from them as read (compiled,
+the conversion fuses into the kernels that load them). AOTInductor compiles such a model as it compiles a float32 one
+(every matmul through Inductor's own C++ int8 GEMM template), and it pays most here: compiled, a step is one call into
+C++ (with --compile; eagerly, PyTorch's kernel is slower than the fbgemm one that dynamic quantization used, which
+nothing compiles). benchmarks/llama_cpp_side_by_side.py times it beside the compiled float32 step and llama.cpp's q8_0.
+No torch at the top: the commands read QUANTIZE as they parse."""
 
 from __future__ import annotations
 

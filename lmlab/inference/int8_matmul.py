@@ -1,0 +1,29 @@
+"""The matmul of rows of activations by int8 weights with a scale per output channel (lmlab.inference.int8), by how
+many rows there are. PyTorch's weight-only int8 kernel pays a pass over the weights for each row: right for a decode
+step's few rows (and the one Inductor's int8 GEMM template compiles), slow for a prompt's hundreds, read eagerly in one
+pass. From DENSE_ROWS rows the weights convert once to a dense dtype and multiply as one matmul, bound by arithmetic
+instead; benchmarks/int8_rows.py times both, row count by row count, in each dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.core import peak
+
+DENSE_ROWS = 64  # from here the dense matmul was the faster on each CPU kind benchmarks/int8_rows.py ran on
+
+
+def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`rows` (n, in) times `weight` (out, in) int8 scaled by `scales` (out,) bfloat16: bfloat16 (n, out) from the
+    kernel, from activations read as bfloat16 (its only vectorized case on AVX2 and AVX-512); from DENSE_ROWS rows,
+    eagerly, in `dense_dtype`, each weight scaled in it (rounded once, as the kernel rounds its product)."""
+    if torch.compiler.is_compiling() or len(rows) < DENSE_ROWS:  # compiled: a decode step's rows
+        return torch._weight_int8pack_mm(rows.to(torch.bfloat16), weight, scales)
+    dtype = dense_dtype()
+    return torch.nn.functional.linear(rows.to(dtype), weight * scales.to(dtype)[:, None])  # one pass: int8 promotes
+
+
+def dense_dtype() -> torch.dtype:
+    """bfloat16 where this CPU multiplies it natively (`lmlab.core.peak.cpu_native`), else float32: without a native
+    kernel a bfloat16 matmul is emulated, slower than float32's."""
+    return torch.bfloat16 if peak.cpu_native(torch.bfloat16) else torch.float32

@@ -23,20 +23,16 @@ from lmlab.commands.common import console  # wide tables when piped to a file
 from lmlab.core.busy import LoadMeter, busy_warning
 from lmlab.core.peak import cpu_native
 from lmlab.inference.int8 import Int8Linear
-from lmlab.inference.int8_matmul import DENSE_ROWS, int8_matmul
+from lmlab.inference.int8_matmul import DENSE_ROWS, dense_matmul, int8_matmul
 
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))  # (in, out): a GPT-2 small layer's matmuls
 LAYERS = 12
 
 
-def dense(dtype: torch.dtype) -> Callable[[torch.Tensor, Int8Linear], torch.Tensor]:
-    return lambda x, m: torch.nn.functional.linear(x.to(dtype), m.weight * m.scales.to(dtype)[:, None])
-
-
 WAYS: dict[str, Callable[[torch.Tensor, Int8Linear], torch.Tensor]] = {
     "int8 kernel": lambda x, m: torch._weight_int8pack_mm(x.to(torch.bfloat16), m.weight, m.scales),
-    "dense float32": dense(torch.float32),
-    "dense bfloat16": dense(torch.bfloat16),
+    "dense float32": lambda x, m: dense_matmul(x, m.weight, m.scales, torch.float32),
+    "dense bfloat16": lambda x, m: dense_matmul(x, m.weight, m.scales, torch.bfloat16),
     "int8_matmul": lambda x, m: int8_matmul(x, m.weight, m.scales),
 }
 

@@ -16,11 +16,16 @@ DENSE_ROWS = 64  # from here the dense matmul was the faster on each CPU kind be
 def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """`rows` (n, in) times `weight` (out, in) int8 scaled by `scales` (out,) bfloat16: bfloat16 (n, out) from the
     kernel, from activations read as bfloat16 (its only vectorized case on AVX2 and AVX-512); from DENSE_ROWS rows,
-    eagerly, in `dense_dtype`, each weight scaled in it (rounded once, as the kernel rounds its product)."""
+    eagerly, `dense_matmul` in `dense_dtype`."""
     if torch.compiler.is_compiling() or len(rows) < DENSE_ROWS:  # compiled: a decode step's rows
         return torch._weight_int8pack_mm(rows.to(torch.bfloat16), weight, scales)
-    dtype = dense_dtype()
-    return torch.nn.functional.linear(rows.to(dtype), weight * scales.to(dtype)[:, None])  # one pass: int8 promotes
+    return dense_matmul(rows, weight, scales, dense_dtype())
+
+
+def dense_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`rows` times the weights scaled into `dtype` in one pass (int8 times the scale promotes), each rounded once, as
+    the kernel rounds its product."""
+    return torch.nn.functional.linear(rows.to(dtype), weight * scales.to(dtype)[:, None])
 
 
 def dense_dtype() -> torch.dtype:

@@ -197,6 +197,13 @@ def test_fsdp_builds_on_the_meta_device_then_takes_the_initial_weights_one_proce
     assert torch.equal(torch.rand(3), (torch.manual_seed(3), build_model(MODERN), torch.rand(3))[2])  # same RNG after
 
 
+def test_one_process_runs_the_model_itself_which_the_steps_graphs_rule_reads_as_alone():
+    # Built as (model, model), a lone GPU run's compiled step was denied CUDA graphs "under torchrun" (the H200).
+    for parallel in ("ddp", "fsdp"):
+        model, wrapped = Parallel().build(MODERN, parallel, torch.device("cpu"), torch.float32)
+        assert wrapped is None and not any(isinstance(p, DTensor) for p in model.parameters())
+
+
 @pytest.mark.parametrize("config", [MODERN, dataclasses.replace(MODERN, vocab_size=1100),  # a head padded to 1152
                                     # biases
                                     ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40)],

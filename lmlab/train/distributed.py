@@ -72,13 +72,12 @@ class Parallel:
         return grad_accum_steps // self.world_size
 
     def build(self, config: ModelConfig, parallel: str, device: torch.device, dtype: torch.dtype
-              ) -> tuple[LanguageModel, torch.nn.Module]:
-        """The model to train, freshly initialised on `device`, and the module that runs its forward: the model itself
-        in one process, else DDP around it or, per train.parallel, the model sharded in place by FSDP2, built sharded
-        (`fsdp.fill_from_main`), so that no rank holds the whole model."""
+              ) -> tuple[LanguageModel, torch.nn.Module | None]:
+        """The model to train, freshly initialised on `device`, and the module that runs its forward where it is not
+        the model itself (TrainStep's `wrapped`; None in one process): DDP around it or, per train.parallel, the model
+        sharded in place by FSDP2, built sharded (`fsdp.fill_from_main`), so that no rank holds the whole model."""
         if not self.active:
-            model = build_model(config).to(device)
-            return model, model
+            return build_model(config).to(device), None
         if parallel == "ddp":
             # Imported here, as FSDP, DDP and DTensor are slow to import, which a single process need not wait for.
             from torch.nn.parallel import DistributedDataParallel

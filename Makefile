@@ -95,8 +95,9 @@ test-fast: $(VENV)/.installed-test
 test-serial: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m serial
 
-# ruff over lmlab/, tests/ and benchmarks/ and mypy over lmlab/ (pyproject.toml's [tool.ruff] and [tool.mypy]): ruff
-# in under a second, mypy in about 45 s the first time and seconds once its cache (.mypy_cache) holds the rest.
+# ruff over lmlab/, tests/ and benchmarks/ and mypy over lmlab/ and the GPU-only tests/test_cuda.py (pyproject.toml's
+# [tool.ruff] and [tool.mypy]): ruff in under a second, mypy in about 45 s the first time and seconds once its cache
+# (.mypy_cache) holds the rest.
 # `make test` and `make test-fast` run it beside the tests (so .ci/run does too).
 LINT = $(BIN)/ruff check lmlab tests benchmarks && $(BIN)/mypy
 lint: $(VENV)/.installed-test

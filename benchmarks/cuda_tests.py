@@ -19,6 +19,7 @@ from lmlab.commands.common import console
 
 ROOT = Path(__file__).resolve().parent.parent
 Row = tuple[str, str, str]
+WHY = "why"  # the key a failed test's first line of failure is kept under, beside its recorded properties
 
 # The CUDA paths a GPU user meets, each found among the CUDA tests by the words its test's name holds (not the name
 # itself: tests are renamed as the code under them changes); their tests run first, and each path is a row.
@@ -76,8 +77,11 @@ def cuda_tests(results: dict[str, tuple[str, dict[str, str]]], tests: list[str],
             (stdout, stderr), capped = done.communicate(), True
         if xml.exists() and not capped:
             for case in ElementTree.parse(xml).iter("testcase"):
-                outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+                verdict = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+                outcome = "passed" if verdict is None else verdict.tag
                 recorded = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+                if verdict is not None and outcome != "skipped":  # why, in a line: a lease has no time to rerun for it
+                    recorded[WHY] = (verdict.get("message") or "no message").splitlines()[0][:300]
                 results[case.get("name", "")] = outcome.replace("failure", "failed"), recorded
     took = f"in {time.perf_counter() - started:.0f} s"
     if done.returncode not in (0, 5) and not capped:  # 5: nothing collected

@@ -52,7 +52,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
-from cuda_tests import CUDA_PATHS, cuda_tests, cuda_tests_found, on_paths
+from cuda_tests import CUDA_PATHS, WHY, cuda_tests, cuda_tests_found, on_paths
 from nanogpt_side_by_side import DRY_SIDES, GPU_SIDES, RECIPE, Sides, lmlab_gpu, side, timed_lines
 
 from lmlab.commands.common import console
@@ -158,7 +158,8 @@ def cuda(ctx: Context) -> list[Row]:
             said.append(f"{', '.join(sorted(outcomes)) or 'not run'} ({name})")
         rows.append((f"CUDA path: {path}", "; ".join(said) or f"no CUDA test's name holds {' and '.join(words)}",
                      "passed"))
-    return rows
+    return rows + [(f"CUDA test failed: {name}", recorded[WHY].replace("|", "\\|"), "passed")
+                   for name, (_, recorded) in ctx.results.items() if WHY in recorded]
 
 
 def peak(ctx: Context) -> list[Row]:

@@ -192,7 +192,8 @@ def test_the_commands_that_only_read_runs_never_import_torch(tiny_run, tmp_path)
 def test_mypy_checks_every_module():
     """mypy reads the whole package and no override excuses a module from it: a new module is typed, never exempt."""
     mypy = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mypy"]
-    assert mypy["files"] == ["lmlab"] and "exclude" not in mypy, "mypy must read the whole package"
+    assert "lmlab" in mypy["files"] and "exclude" not in mypy, "mypy must read the whole package"
     excused = [override["module"] for override in mypy.get("overrides", [])
-               if override.get("ignore_errors") or override.get("disable_error_code")]
+               if override.get("ignore_errors") or override.get("disable_error_code")
+               or override.get("follow_imports") and "lmlab" in str(override["module"])]
     assert not excused, f"pyproject.toml excuses {excused} from mypy; type them instead"

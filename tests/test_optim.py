@@ -73,9 +73,9 @@ def test_muon_skips_a_non_finite_step_in_both_halves(tmp_path, char_dataset):
 
 
 def _muon_moves(optimizer: type, **settings) -> list[torch.Tensor]:
-    """How far four Muon steps on seeded random gradients move three matrices (wide, tall, square)."""
+    """How far four Muon steps on seeded random gradients move five matrices (wide, tall, square; two shapes twice)."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((24, 40), (48, 16), (32, 32))]
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((24, 40), (48, 16), (32, 32), (24, 40), (32, 32))]
     before = [p.detach().clone() for p in params]
     opt = optimizer(params, lr=0.01, weight_decay=0.1, **settings)
     grads = torch.Generator().manual_seed(1)

@@ -55,24 +55,24 @@ def orthogonal_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_kernel(device, torch.bfloat16) else torch.float32
 
 
-def orthogonalise(update: torch.Tensor, group: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration on one matrix (torch.optim.Muon's) in `dtype`: it brings every singular
-    value of `update` near 1 without an SVD."""
+def orthogonalise(updates: torch.Tensor, group: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (torch.optim.Muon's) in `dtype` on a stack of same-shaped matrices, each
+    apart, in batched matmuls: it brings every singular value of each near 1 without an SVD."""
     a, b, c = group["ns_coefficients"]
-    x = update.to(dtype)
-    wide = x.size(0) <= x.size(1)  # iterate on the smaller Gram matrix
-    x = x if wide else x.T
-    x = x / x.norm().clamp(min=group["eps"])  # a spectral norm of at most 1, where the iteration converges
+    wide = updates.size(-2) <= updates.size(-1)  # iterate on the smaller Gram matrix
+    x = (updates if wide else updates.mT).to(dtype)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=group["eps"])  # a spectral norm of at most 1: it converges
     for _ in range(group["ns_steps"]):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x if wide else x.T
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if wide else x.mT
 
 
 class Muon(Eager, torch.optim.Muon):
-    """torch.optim.Muon (its settings, state and checkpoint keys) orthogonalising in `ns_dtype` (`orthogonal_dtype`)
-    rather than always in bfloat16. Only `adjust_lr_fn="match_rms_adamw"`: the update scaled by 0.2·sqrt(max(rows,
-    cols)), the RMS of an AdamW update (Liu et al. 2025, "Muon is scalable")."""
+    """torch.optim.Muon (its settings, state and checkpoint keys, its result bit for bit) orthogonalising in `ns_dtype`
+    (`orthogonal_dtype`) rather than always in bfloat16, a shape's matrices at once (layers repeat a few shapes). Only
+    `adjust_lr_fn="match_rms_adamw"`: the update scaled by 0.2·sqrt(max(rows, cols)), the RMS of an AdamW update (Liu
+    et al. 2025, "Muon is scalable")."""
 
     def __init__(self, params: list[torch.nn.Parameter], ns_dtype: torch.dtype, **settings: Any):
         super().__init__(params, adjust_lr_fn="match_rms_adamw", **settings)
@@ -85,20 +85,21 @@ class Muon(Eager, torch.optim.Muon):
         without a host read: the update is computed and then not kept."""
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                moved = buf.lerp(p.grad, 1 - momentum)
-                update = orthogonalise(p.grad.lerp(moved, momentum) if group["nesterov"] else moved, group,
-                                       self.ns_dtype)
-                scale = lr * (0.2 * math.sqrt(max(p.shape)))
-                stepped = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-scale)
-                for old, new in ((buf, moved), (p, stepped)):
-                    old.copy_(new if skip is None else torch.where(skip, old, new))
+            live = [p for p in group["params"] if p.grad is not None]
+            for shape in dict.fromkeys(p.shape for p in live):
+                params = [p for p in live if p.shape == shape]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                bufs, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
+                moved = torch._foreach_lerp(bufs, grads, 1 - momentum)
+                updates = torch._foreach_lerp(grads, moved, momentum) if group["nesterov"] else moved
+                orthogonal = orthogonalise(torch.stack(updates), group, self.ns_dtype)
+                scale = lr * (0.2 * math.sqrt(max(shape)))
+                for p, buf, new_buf, update in zip(params, bufs, moved, orthogonal):
+                    stepped = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-scale)
+                    for old, new in ((buf, new_buf), (p, stepped)):
+                        old.copy_(new if skip is None else torch.where(skip, old, new))
 
 
 class MuonAdamW:
@@ -147,13 +148,12 @@ class MuonAdamW:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         n_groups = len(self.muon.param_groups)
         offset = sum(len(g["params"]) for g in self.muon.param_groups)
-        first, second = state_dict["param_groups"][:n_groups], state_dict["param_groups"][n_groups:]
+        shifted = [{**g, "params": [i - offset for i in g["params"]]} for g in state_dict["param_groups"][n_groups:]]
         state = {int(i): s for i, s in state_dict["state"].items()}
-        self.muon.load_state_dict({"param_groups": first, "state": {i: s for i, s in state.items() if i < offset}})
-        self.adamw.load_state_dict({
-            "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in second],
-            "state": {i - offset: s for i, s in state.items() if i >= offset},
-        })
+        self.muon.load_state_dict({"param_groups": state_dict["param_groups"][:n_groups],
+                                   "state": {i: s for i, s in state.items() if i < offset}})
+        self.adamw.load_state_dict({"param_groups": shifted,
+                                    "state": {i - offset: s for i, s in state.items() if i >= offset}})
 
 
 def muon_groups(model: LanguageModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

@@ -260,8 +260,8 @@ def test_the_update_after_the_backward_is_counted_and_overlaps_the_gpus_work():
     adamw = gpu_step_time(cfg, "H100", "bfloat16", compiled=True)
     muon_cfg = load_config(CONFIGS / "shakespeare-char.toml", ["model.vocab_size=65", "train.optimizer=muon"])
     muon = gpu_step_time(muon_cfg, "H100", "bfloat16", compiled=True)
-    # Fused AdamW updates every weight in a few kernels, Muon orthogonalises each matrix apart; neither reads the
-    # device, so the host launches while the GPU computes.
+    # Fused AdamW updates every weight in a few kernels, Muon orthogonalises each shape of matrix apart and steps
+    # each matrix; neither reads the device, so the host launches while the GPU computes.
     assert muon.kernels - tail(muon_cfg.model, muon_cfg.train) == adamw.kernels - tail(cfg.model, cfg.train)
-    assert muon.kernels > adamw.kernels + 200
+    assert muon.kernels > adamw.kernels + 100
     assert all(step.seconds == max(step.device, step.launches) for step in (adamw, muon))

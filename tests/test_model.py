@@ -19,6 +19,7 @@ from lmlab.inference.generate import stream_ids
 from lmlab.model import build_model
 from lmlab.model.gpt import GPT, rms_norm
 from lmlab.model.kinds import KINDS
+from lmlab.model.rotary import apply_rotary
 from lmlab.run.rundir import RunDir
 from lmlab.train.optim import muon_groups
 from tests.helpers import run_cli, write_config
@@ -160,6 +161,34 @@ def test_every_variant_steps_incrementally_as_it_runs_whole(name):
     for _ in range(12):
         ids.append(int(m(torch.tensor([ids]))[0][0, -1].argmax()))
     assert cached == ids[3:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows", [False, True])
+def test_the_cpus_rotary_turn_is_the_formula_both_ways(dtype, rows):
+    """lmlab's rotary on the CPU (written into its output, its backward the turn back) against the formula autograd
+    differentiates, at the angles of shared positions (T, hs/2) and of each row's own (B, 1, T, hs/2): within one
+    rounding of the dtype, each way, with a gradient and without."""
+    torch.manual_seed(0)
+    angles = torch.rand(2, 1, 5, 4) * 6 if rows else torch.rand(5, 4) * 6
+    rope = (angles.cos(), angles.sin())
+    x = torch.randn(2, 5, 3, 8, dtype=dtype).transpose(1, 2).requires_grad_()  # (B, h, T, hs), strided as q is
+    grad = torch.randn(x.shape, dtype=dtype)
+    ours = apply_rotary(x, rope)
+    ours.backward(grad)
+    ours_dx, x.grad = x.grad, None
+    cos, sin = (t.to(dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    want.backward(grad)
+    close = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, want, **close)
+    torch.testing.assert_close(ours_dx, x.grad, **close)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_rotary(x, rope), want, **close)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: apply_rotary(x, rope), (x.detach().requires_grad_(),))
 
 
 @pytest.mark.parametrize("dtype,eps,strided", [(torch.float32, None, False), (torch.float32, 1e-5, False),

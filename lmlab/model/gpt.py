@@ -15,6 +15,7 @@ from lmlab.model.attention import PATHS, attend, attend_written_out
 from lmlab.model.base import HeadOverStates
 from lmlab.model.kvcache import KVCache
 from lmlab.model.rmsnorm import RMSNorm
+from lmlab.model.rotary import Rotary, apply_rotary
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -40,35 +41,6 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return rms_norm(config, dim)
     return nn.LayerNorm(dim, eps=config.norm_eps or 1e-5, bias=config.has_bias("norm"))
-
-
-class Rotary(nn.Module):
-    """Rotary position embeddings (Su et al. 2021)."""
-
-    cos: torch.Tensor  # buffers, (block_size, hs/2) each
-    sin: torch.Tensor
-
-    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
-        super().__init__()
-        on = torch.get_default_device()  # meta for a shape, whose arithmetic (torch._refs) imports torch._dynamo
-        with torch.device("cpu"):
-            inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-            angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
-        # never saved: checkpoints hold only what training learned
-        self.register_buffer("cos", angles.cos().to(on), persistent=False)
-        self.register_buffer("sin", angles.sin().to(on), persistent=False)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The angles of (T,) positions, (T, hs/2) each, or of per-row (B, T) positions, (B, 1, T, hs/2) each."""
-        cos, sin = self.cos[positions], self.sin[positions]
-        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
-
-
-def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate (B, h, T, hs) by the angles of its positions; the halves of the head are the pairs (GPT-NeoX)."""
-    cos, sin = (t.to(x.dtype) for t in rope)  # under autocast q/k are bf16; keep SDPA's inputs one dtype
-    x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def matmul(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,9 @@ def _muon_moves(optimizer: type, **settings) -> list[torch.Tensor]:
 
 def test_muon_is_torchs_in_bfloat16_and_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
     torchs = _muon_moves(torch.optim.Muon, adjust_lr_fn="match_rms_adamw")
-    assert all(torch.equal(a, b) for a, b in zip(torchs, _muon_moves(Muon, ns_dtype=torch.bfloat16)))
+    for stack in (Muon.stack, 24 * 40):  # a shape's matrices stacked whole, and one matrix at a time
+        stacked = type("Stacked", (Muon,), {"stack": stack})
+        assert all(torch.equal(a, b) for a, b in zip(torchs, _muon_moves(stacked, ns_dtype=torch.bfloat16)))
     for a, b in zip(torchs, _muon_moves(Muon, ns_dtype=torch.float32)):
         assert 0 < (a - b).abs().max() < 0.02 * a.abs().max()  # the same moves but for bf16's rounding
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

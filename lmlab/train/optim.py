@@ -74,6 +74,8 @@ class Muon(Eager, torch.optim.Muon):
     `adjust_lr_fn="match_rms_adamw"`: the update scaled by 0.2·sqrt(max(rows, cols)), the RMS of an AdamW update (Liu
     et al. 2025, "Muon is scalable")."""
 
+    stack = 1 << 24  # elements of a shape's matrices orthogonalised at once: the step's copies stay small
+
     def __init__(self, params: list[torch.nn.Parameter], ns_dtype: torch.dtype, **settings: Any):
         super().__init__(params, adjust_lr_fn="match_rms_adamw", **settings)
         self.ns_dtype = ns_dtype
@@ -84,22 +86,21 @@ class Muon(Eager, torch.optim.Muon):
         """One update; `skip` (a bool device tensor) true leaves the weights and momentum as they were, bit for bit,
         without a host read: the update is computed and then not kept."""
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            live = [p for p in group["params"] if p.grad is not None]
+            lr, momentum, live = group["lr"], group["momentum"], [p for p in group["params"] if p.grad is not None]
             for shape in dict.fromkeys(p.shape for p in live):
-                params = [p for p in live if p.shape == shape]
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-                bufs, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
-                moved = torch._foreach_lerp(bufs, grads, 1 - momentum)
-                updates = torch._foreach_lerp(grads, moved, momentum) if group["nesterov"] else moved
-                orthogonal = orthogonalise(torch.stack(updates), group, self.ns_dtype)
+                same, per = [p for p in live if p.shape == shape], max(1, self.stack // shape.numel())
                 scale = lr * (0.2 * math.sqrt(max(shape)))
-                for p, buf, new_buf, update in zip(params, bufs, moved, orthogonal):
-                    stepped = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-scale)
-                    for old, new in ((buf, new_buf), (p, stepped)):
-                        old.copy_(new if skip is None else torch.where(skip, old, new))
+                for params in (same[i:i + per] for i in range(0, len(same), per)):
+                    for p in (p for p in params if "momentum_buffer" not in self.state[p]):
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    bufs, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
+                    moved = torch._foreach_lerp(bufs, grads, 1 - momentum)
+                    updates = torch._foreach_lerp(grads, moved, momentum) if group["nesterov"] else moved
+                    orthogonal = orthogonalise(torch.stack(updates), group, self.ns_dtype)
+                    for p, buf, new_buf, update in zip(params, bufs, moved, orthogonal):
+                        stepped = p.mul(1 - lr * group["weight_decay"]).add_(update, alpha=-scale)
+                        for old, new in ((buf, new_buf), (p, stepped)):
+                            old.copy_(new if skip is None else torch.where(skip, old, new))
 
 
 class MuonAdamW:
@@ -146,8 +147,7 @@ class MuonAdamW:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        n_groups = len(self.muon.param_groups)
-        offset = sum(len(g["params"]) for g in self.muon.param_groups)
+        n_groups, offset = len(self.muon.param_groups), sum(len(g["params"]) for g in self.muon.param_groups)
         shifted = [{**g, "params": [i - offset for i in g["params"]]} for g in state_dict["param_groups"][n_groups:]]
         state = {int(i): s for i, s in state_dict["state"].items()}
         self.muon.load_state_dict({"param_groups": state_dict["param_groups"][:n_groups],

@@ -21,7 +21,7 @@ from lmlab.core.errors import UserError
 from lmlab.inference.compiled import step_key
 from lmlab.inference.decode import Decoder
 from lmlab.inference.int8 import Int8Linear
-from lmlab.inference.int8_matmul import DENSE_ROWS, dense_dtype, int8_matmul
+from lmlab.inference.int8_matmul import DENSE_ROWS, dense_dtype, dense_matmul, int8_matmul
 from lmlab.inference.quantize import LOGIT_TOLERANCE, quantize, tolerance
 from lmlab.inference.steps import build_step, choose_step
 from lmlab.model import build_model
@@ -111,6 +111,10 @@ def test_a_prompts_many_rows_multiply_densely_and_a_decode_steps_few_through_the
         assert got.dtype == dtype
         errors.append(((got.double() - exact).abs().max() / exact.std()).item())
     assert errors[1] < 0.02 and errors[0] <= 1.5 * errors[1], errors
+    for dtype in (torch.bfloat16, torch.float32):  # each weight's exact product with its scale, rounded once
+        scaled = (layer.weight.double() * layer.scales.double()[:, None]).to(dtype)
+        want = torch.nn.functional.linear(x.to(dtype), scaled)
+        assert torch.equal(dense_matmul(x, layer.weight, layer.scales, dtype), want)
 
 
 def test_int8_decoding_caches_keys_and_values_as_bfloat16_and_float_decoding_as_its_own_dtype(trained):

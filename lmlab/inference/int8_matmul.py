@@ -10,7 +10,7 @@ import torch
 
 from lmlab.core import peak
 
-DENSE_ROWS = 64  # from here the dense matmul was the faster on each CPU kind benchmarks/int8_rows.py ran on
+DENSE_ROWS = 32  # from here the dense matmul was the faster on 5 of the 6 hosts and shapes benchmarks/int8_rows.py ran
 
 
 def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -23,9 +23,9 @@ def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) 
 
 
 def dense_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`rows` times the weights scaled into `dtype` in one pass (int8 times the scale promotes), each rounded once, as
-    the kernel rounds its product."""
-    return torch.nn.functional.linear(rows.to(dtype), weight * scales.to(dtype)[:, None])
+    """`rows` times the weights scaled into `dtype`, each rounded once, as the kernel rounds its product: converted
+    exactly, then scaled in place (an op over int8 and a float runs a scalar loop, up to 7 times slower)."""
+    return torch.nn.functional.linear(rows.to(dtype), weight.to(dtype).mul_(scales.to(dtype)[:, None]))
 
 
 def dense_dtype() -> torch.dtype:

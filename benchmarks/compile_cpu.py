@@ -8,9 +8,7 @@ Each run is `lmlab train CONFIG --device cpu` with a line per step, one evaluati
 (every core by default: the comparison is of the code, not of lmlab's choice under load). From its metrics.jsonl:
 the seconds to the end of step 1 (the compile happens in it), the median tokens/s of the steps after the second,
 the seconds of the final evaluation (eager in both: a compiled model on a CPU evaluates eagerly), and the run's wall
-time; and for the compiled run, what its compile trial timed and whether it went on compiled or eager (on a CPU, a
-compiled step must be 5% faster than an eager one to stay: lmlab/train/step.py). `train.compile = "auto"` trains
-eager on a CPU because of these figures (docs/reference/performance.md).
+time. `train.compile = "auto"` trains eager on a CPU because of these figures (docs/reference/performance.md).
 """
 
 from __future__ import annotations
@@ -53,12 +51,6 @@ def train(config: str, compiled: bool, steps: int, eval_iters: int, threads: int
     trains = [e for e in events if e["event"] == "train"]
     rates = [e["tokens_per_sec"] for e in trains[2:] if e.get("tokens_per_sec")]
     final = [e for e in events if e["event"] == "eval"][-1]
-    trial = next((e for e in events if e["event"] == "compile"), None)
-    if trial:
-        went = "compiled" if trial["compiled"] else "eager"
-        console.print(f"round {int(run.parent.name) + 1}: the compile trial timed a compiled step at "
-                      f"{trial['compiled_ms']:,.1f} ms, an eager one at {trial['eager_ms']:,.1f} ms: went on {went}",
-                      highlight=False)
     return {"first step": trains[0]["elapsed"], "tokens/s": statistics.median(rates) if rates else float("nan"),
             "final eval": final.get("seconds") or float("nan"), "wall": wall}
 

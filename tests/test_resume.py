@@ -556,7 +556,7 @@ def test_a_resume_that_changed_settings_stays_on_record_however_the_next_resume_
     proc = spawn("train", "--resume", run, *CHANGED, cwd=tmp_path)
     # A checkpoint is whole once its folder takes its step's name; its event comes just before (a kill between the
     # two leaves an event that the resume drops), so the folder is what is waited for.
-    wait_until((lambda: (run / "checkpoints" / "step_000050").is_dir()) if checkpointed else
+    wait_until((lambda: "step_000050" in [f.name for f in RunDir(run).step_folders()]) if checkpointed else
                (lambda: RunDir(run).config().train.learning_rate == 1e-3), proc)
     proc.kill()
     proc.wait()

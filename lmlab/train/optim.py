@@ -87,12 +87,12 @@ class Muon(Eager, torch.optim.Muon):
         without a host read: the update is computed and then not kept."""
         for group in self.param_groups:
             lr, momentum, live = group["lr"], group["momentum"], [p for p in group["params"] if p.grad is not None]
+            for p in (p for p in live if "momentum_buffer" not in self.state[p]):
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
             for shape in dict.fromkeys(p.shape for p in live):
                 same, per = [p for p in live if p.shape == shape], max(1, self.stack // shape.numel())
                 scale = lr * (0.2 * math.sqrt(max(shape)))
                 for params in (same[i:i + per] for i in range(0, len(same), per)):
-                    for p in (p for p in params if "momentum_buffer" not in self.state[p]):
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
                     bufs, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
                     moved = torch._foreach_lerp(bufs, grads, 1 - momentum)
                     updates = torch._foreach_lerp(grads, moved, momentum) if group["nesterov"] else moved

@@ -4,13 +4,16 @@ never a tensor as large as the (B, T, vocab) logits."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmlab.core.config import ModelConfig
+from lmlab.core.cpu_caches import UNKNOWN_L2, l2_bytes
 from lmlab.model import build_model
-from lmlab.model.loss import CHUNK_BYTES, IGNORE, chunked, head_loss, next_token_loss
+from lmlab.model.loss import CHUNK_BYTES, IGNORE, chunk_rows, chunked, head_loss, next_token_loss
 
 B, T, VOCAB = 3, 16, 2000  # a vocabulary the GPT pads to 2,048: the padding columns are masked, never cut off
 OPTIONS = {"gpt2": {}, "untied": {"tie_embeddings": False}, "modern": {"pos_emb": "rope", "norm": "rmsnorm",
@@ -139,3 +142,36 @@ def test_the_chunked_loss_compiles_whole_and_trains_as_eager():
     loss.backward()
     same((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
          loss_and_grads(model, x, y, CHUNK_BYTES))
+
+
+def test_a_chunk_stays_within_the_cores_l2_where_that_holds_a_width_of_rows_else_within_its_memory_bound():
+    """As few even chunks as the bound allows, covering every row; the L2's bound (`near`: an eager CPU step's) where
+    it holds at least half `width` rows, whose passes in cache then pay for a chunk's weight-gradient pass, else the
+    memory's alone; a memory bound smaller than an L2 still caps it."""
+    for rows, vocab, width, near, chunk_bytes in itertools.product([1, 7, 4096, 16384], [1025, 4160, 50304],
+                                                                   [32, 192, 768, 4096], [0, 2**20, 2**22, 2**26],
+                                                                   [CHUNK_BYTES, 2**23]):
+        got = chunk_rows(rows, vocab, width, chunk_bytes, near)
+        limit = min(chunk_bytes, near) if 2 * (near // (4 * vocab)) >= width else chunk_bytes
+        most = max(1, limit // (4 * vocab))  # rows within the bound (one at least)
+        chunks = -(-rows // got)
+        assert 1 <= got <= most and got <= rows
+        assert (chunks - 1) * most < rows  # no fewer chunks would do
+        assert chunks * got - rows < chunks  # even: the last short of the others by less than a row a chunk
+
+
+def test_the_l2_is_read_as_linux_lists_a_cores_caches_and_a_common_size_where_it_is_not(tmp_path):
+    def cache(folder, *levels):
+        for n, (level, kind, size) in enumerate(levels):
+            (folder / f"index{n}").mkdir(parents=True)
+            for name, text in (("level", level), ("type", kind), ("size", size)):
+                (folder / f"index{n}" / name).write_text(f"{text}\n")
+        return folder
+
+    l1 = [("1", "Data", "48K"), ("1", "Instruction", "64K")]
+    assert l2_bytes(cache(tmp_path / "xeon", *l1, ("2", "Unified", "2048K"), ("3", "Unified", "491520K"))) == 2**21
+    assert l2_bytes(cache(tmp_path / "epyc", *l1, ("2", "Unified", "1M"))) == 2**20
+    assert l2_bytes(cache(tmp_path / "none", *l1)) == UNKNOWN_L2  # no L2 listed
+    assert l2_bytes(tmp_path / "absent") == UNKNOWN_L2  # macOS, a container without /sys
+    assert l2_bytes(cache(tmp_path / "garbled", ("2", "Unified", "lots"))) == UNKNOWN_L2
+    assert l2_bytes() >= 2**14  # this machine's, read or not

@@ -9,24 +9,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmlab.core.cpu_caches import l2_bytes
+
 IGNORE = -100  # a target that adds nothing to the loss or the counts: padding, a fine-tuning prompt
-# A vocabulary above this many tokens (a BPE's, tens of thousands) makes the logits the largest tensor of a training
-# step, several times the states they are computed from (GPT-2 small: 50,304 logits a token beside 768 states): its
-# loss is computed by `ChunkedHeadLoss`. Below it (a character-level or small BPE vocabulary), the logits cost no more
-# than an activation or two, and torch's own cross-entropy kernels are faster than a loop of chunks. The same bound
-# as the padding of large vocabularies (lmlab.model.gpt.padded_vocab).
+# A vocabulary above this many tokens (a BPE's) makes the logits the largest tensor of a training step (GPT-2 small:
+# 50,304 logits a token beside 768 states): its loss is `ChunkedHeadLoss`'s. Below it, torch's own cross-entropy is
+# faster than a loop of chunks. The same bound as the padding of large vocabularies (lmlab.model.gpt.padded_vocab).
 CHUNKED_VOCAB = 1024
-# The most a chunk's fp32 logits take. Each chunk reads and writes the head's weight gradient (V x C, fp32) once
-# more, so chunks are made as large as this allows: for GPT-2's vocabulary at most 5,336 rows, a micro-batch of
-# 16 x 1,024 in four chunks (the weight gradient's traffic about 2% of an H100's step by its bandwidth), where the
-# whole logits with their gradient and bf16 copies take about 10 GB; smaller chunks would save memory that is small
-# beside the activations by then, and cost a pass over the weight gradient each.
+# The most a chunk's fp32 logits take. Each chunk reads and writes the weight gradient (V x C, fp32) once more, so a
+# GPU's chunks are as large as this allows: GPT-2's micro-batch of 16 x 1,024 in four (that traffic about 2% of an
+# H100's step), where the whole logits with their gradient and bf16 copies take about 10 GB. See `chunk_rows`.
 CHUNK_BYTES = 2**30
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of (B, T, vocab) logits against (B, T) targets in fp32; IGNORE targets are skipped, so the
-    mean is over real targets only."""
+    """Cross-entropy of (B, T, vocab) logits against (B, T) targets in fp32, the mean over real (not IGNORE) ones."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                            reduction=reduction)
 
@@ -54,40 +51,43 @@ def head_loss(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor
     return logits, None if targets is None else next_token_loss(logits, targets)
 
 
-def chunk_rows(rows: int, vocab: int, chunk_bytes: int) -> int:
-    """Rows of states per chunk: as few even chunks as keep each one's fp32 logits within `chunk_bytes`."""
-    return math.ceil(rows / math.ceil(rows * vocab * 4 / chunk_bytes))
+def chunk_rows(rows: int, vocab: int, width: int, chunk_bytes: int, near: int = 0) -> int:
+    """Rows of states per chunk: as few even chunks as keep each one's fp32 logits within `chunk_bytes`, or within
+    `near` (the L2 caches of an eager CPU step's cores, where a chunk's ten passes then stay) where it holds `width` / 2
+    rows, from which those passes, 2-3x faster in cache, pay for a chunk's extra pass over the weight gradient."""
+    most = max(1, (min(chunk_bytes, near) if 2 * (near // (4 * vocab)) >= width else chunk_bytes) // (4 * vocab))
+    return math.ceil(rows / math.ceil(rows / most))
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of a linear head (V, C) over states (B, T, C) against (B, T) targets, one chunk of rows at a
-    time (`chunk_rows`, each chunk's fp32 logits at most `chunk_bytes`). Each chunk's logits give its loss and, at
-    once, the gradient of the loss by them (softmax less the target's one-hot, over the real targets), which the
-    head's two matmuls turn into the chunk's gradients of the states and of the weight; the logits are then dropped.
-    So the backward only scales the two gradients it kept, (B, T, C) and (V, C), and the step computes what the plain
-    path does with the same FLOPs. Under autocast the head's matmuls run in its dtype and the softmax in fp32, as the
-    plain path runs them. Columns from `vocab` on (a padded head's) are masked out of the softmax, so their weight rows
-    get no gradient."""
+    """Mean cross-entropy of a linear head (V, C) over states (B, T, C) against (B, T) targets, a chunk of rows at a
+    time (`chunk_rows`). A chunk's logits give its loss and at once its gradient by them (softmax less the target's
+    one-hot), which the head's two matmuls turn into its gradients of the states and the weight; the logits are then
+    dropped, and the backward only scales the two gradients kept. Under autocast the matmuls run in its dtype and the
+    softmax in fp32. Columns from `vocab` on (a padded head's) are masked out: their weight rows get no gradient."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
                 chunk_bytes: int) -> torch.Tensor:
         states, wanted = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (N, C), (N,)
-        grad_states = torch.empty_like(states)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_states, grad_weight = torch.empty_like(states), torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), device=states.device)
-        rows = chunk_rows(states.size(0), weight.size(0), chunk_bytes)
+        device = states.device.type  # an eager CPU step's chunks stay in its cores' L2 (Inductor fuses the passes)
+        near = l2_bytes() * torch.get_num_threads() if device == "cpu" and not torch.compiler.is_compiling() else 0
+        rows = chunk_rows(states.size(0), weight.size(0), weight.size(1), chunk_bytes, near)
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype  # the matmuls'
         for first in range(0, states.size(0), rows):
             h, y = states[first:first + rows], wanted[first:first + rows]  # (n, C), (n,)
             logits = (h @ weight.t()).float()  # (n, V)
             logits[:, vocab:] = -math.inf
             real = (y != IGNORE).unsqueeze(1)  # (n, 1)
             picked = torch.where(real, y.unsqueeze(1), 0)  # (n, 1): a safe index where the target is IGNORE
-            norm = logits.logsumexp(1, keepdim=True)  # (n, 1)
-            total += ((norm - logits.gather(1, picked)) * real).sum()
-            grad = logits.sub_(norm).exp_().scatter_add_(1, picked, -real.float()).mul_(real)  # (n, V): d loss_sum
-            grad_states[first:first + rows] = grad @ weight
-            grad_weight += grad.t() @ h
+            grad = logits.log_softmax(1)  # (n, V)
+            total -= (grad.gather(1, picked) * real).sum()
+            # d loss_sum by the logits, cast once (not by each matmul); IGNORE rows masked in (n, C), not in (n, V)
+            grad = grad.exp_().scatter_add_(1, picked, -real.float()).to(low)
+            grad_states[first:first + rows] = (grad @ weight) * real
+            grad_weight += grad.t() @ (h * real)
         count = (wanted != IGNORE).sum()  # none: a nan loss, as the plain path's mean is
         ctx.save_for_backward(grad_states / count, grad_weight / count)
         ctx.shape, ctx.weight_dtype = hidden.shape, weight.dtype

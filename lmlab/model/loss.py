@@ -75,10 +75,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
         device = states.device.type  # an eager CPU step's chunks stay in its cores' L2 (Inductor fuses the passes)
         near = l2_bytes() * torch.get_num_threads() if device == "cpu" and not torch.compiler.is_compiling() else 0
         rows = chunk_rows(states.size(0), weight.size(0), weight.size(1), chunk_bytes, near)
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype  # the matmuls'
         for first in range(0, states.size(0), rows):
             h, y = states[first:first + rows], wanted[first:first + rows]  # (n, C), (n,)
-            logits = (h @ weight.t()).float()  # (n, V)
+            logits = h @ weight.t()  # (n, V)
+            low, logits = logits.dtype, logits.float()  # the matmuls' dtype (autocast's), the softmax's
             logits[:, vocab:] = -math.inf
             real = (y != IGNORE).unsqueeze(1)  # (n, 1)
             picked = torch.where(real, y.unsqueeze(1), 0)  # (n, 1): a safe index where the target is IGNORE

@@ -144,7 +144,7 @@ def test_the_chunked_loss_compiles_whole_and_trains_as_eager():
          loss_and_grads(model, x, y, CHUNK_BYTES))
 
 
-def test_a_chunk_stays_within_the_cores_l2_where_that_holds_a_width_of_rows_else_within_its_memory_bound():
+def test_a_chunk_stays_within_the_cores_l2_where_that_holds_half_a_width_of_rows_else_within_its_memory_bound():
     """As few even chunks as the bound allows, covering every row; the L2's bound (`near`: an eager CPU step's) where
     it holds at least half `width` rows, whose passes in cache then pay for a chunk's weight-gradient pass, else the
     memory's alone; a memory bound smaller than an L2 still caps it."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from lmlab.core.threads import most_threads
+
 CPU0 = Path("/sys/devices/system/cpu/cpu0/cache")
 UNKNOWN_L2 = 2**20  # where the system does not say (macOS, a container without /sys): a common core's L2
 
@@ -20,3 +22,9 @@ def l2_bytes(folder: Path = CPU0) -> int:
         except (OSError, ValueError):
             break
     return UNKNOWN_L2
+
+
+def job_l2() -> int:
+    """The L2 caches of the cores a job may use: of them all, not of its threads now, which a load may lower, so that
+    what is sized to them (the chunks of an eager CPU step's loss) and the bits it computes stay the same."""
+    return l2_bytes() * most_threads()[0]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmlab.core.cpu_caches import l2_bytes
+from lmlab.core.cpu_caches import job_l2
 
 IGNORE = -100  # a target that adds nothing to the loss or the counts: padding, a fine-tuning prompt
 # A vocabulary above this many tokens (a BPE's) makes the logits the largest tensor of a training step (GPT-2 small:
@@ -53,7 +53,7 @@ def head_loss(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor
 
 def chunk_rows(rows: int, vocab: int, width: int, chunk_bytes: int, near: int = 0) -> int:
     """Rows of states per chunk: as few even chunks as keep each one's fp32 logits within `chunk_bytes`, or within
-    `near` (the L2 caches of an eager CPU step's cores, where a chunk's ten passes then stay) where it holds `width` / 2
+    `near` (the L2 caches of an eager CPU job's cores, where a chunk's ten passes then stay) where it holds `width` / 2
     rows, from which those passes, 2-3x faster in cache, pay for a chunk's extra pass over the weight gradient."""
     most = max(1, (min(chunk_bytes, near) if 2 * (near // (4 * vocab)) >= width else chunk_bytes) // (4 * vocab))
     return math.ceil(rows / math.ceil(rows / most))
@@ -61,10 +61,10 @@ def chunk_rows(rows: int, vocab: int, width: int, chunk_bytes: int, near: int = 
 
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of a linear head (V, C) over states (B, T, C) against (B, T) targets, a chunk of rows at a
-    time (`chunk_rows`). A chunk's logits give its loss and at once its gradient by them (softmax less the target's
-    one-hot), which the head's two matmuls turn into its gradients of the states and the weight; the logits are then
-    dropped, and the backward only scales the two gradients kept. Under autocast the matmuls run in its dtype and the
-    softmax in fp32. Columns from `vocab` on (a padded head's) are masked out: their weight rows get no gradient."""
+    time (`chunk_rows`; a compiled step's as large as `chunk_bytes`: Inductor fuses the passes). A chunk's logits give
+    its loss and its gradient by them (softmax less the one-hot), which the head's two matmuls turn into its gradients
+    of the states and the weight, then are dropped. Under autocast the matmuls run in its dtype, the softmax in fp32.
+    A padded head's columns from `vocab` on are masked out: their weight rows get no gradient."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
@@ -72,8 +72,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         states, wanted = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (N, C), (N,)
         grad_states, grad_weight = torch.empty_like(states), torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), device=states.device)
-        device = states.device.type  # an eager CPU step's chunks stay in its cores' L2 (Inductor fuses the passes)
-        near = l2_bytes() * torch.get_num_threads() if device == "cpu" and not torch.compiler.is_compiling() else 0
+        near = job_l2() if states.device.type == "cpu" and not torch.compiler.is_compiling() else 0
         rows = chunk_rows(states.size(0), weight.size(0), weight.size(1), chunk_bytes, near)
         for first in range(0, states.size(0), rows):
             h, y = states[first:first + rows], wanted[first:first + rows]  # (n, C), (n,)

@@ -102,7 +102,9 @@ def test_size_auto_on_other_data_measures_its_floor_and_scale_once_and_reads_the
                                                                                        other_data):
     """The fit is of the preset's recipe on other text: its floor and scale on this data are measured (two runs of the
     smallest size, within their share of the budget, said in the sizing's line), kept, and read back by the next
-    sizing, which measures nothing; a prediction moves with them, the choice does not."""
+    sizing, which measures nothing; a prediction moves with them, the choice does not. Where the second run does not
+    fit what the first left of the share (a busy machine's first may run slow), nothing is measured nor kept: one run
+    says no scale."""
     preset = write_config(tmp_path / "tiny.toml", char_dataset)
     with torch.device("meta"):
         params = build_model(with_vocab(load_config(preset)).model).num_params()
@@ -116,13 +118,15 @@ def test_size_auto_on_other_data_measures_its_floor_and_scale_once_and_reads_the
         said.append(" ".join(done.stdout.split()))
         kept.append({k: v for k, v in json.loads(cache_path().read_text())["entries"].items()
                      if v["kind"] == "calibration"})
+    if f"its floor and scale on {other_data} were not measured (6% of the budget holds too few steps for two runs" \
+            in said[0]:
+        assert not kept[0] and "were not measured" in said[1]
+        return
     assert f"its floor and scale measured on {other_data} in " in said[0], said[0]
     assert f"its floor and scale measured on {other_data} read back" in said[1]
     assert len(kept[0]) == 1 and kept[1] == kept[0]
     measured = next(iter(kept[0].values()))["value"]
-    # The second run where what is left of the share holds it at the first's pace: a busy machine's may not.
-    runs = len(measured["points"])
-    assert runs in (1, 2) and f"{runs} run{'s' * (runs > 1)} of depth 1 of" in said[0], said[0]
+    assert len(measured["points"]) == 2 and "2 runs of depth 1 of" in said[0], said[0]
     assert measured["seconds"] <= 0.06 * 300  # its share
     assert all(math.isfinite(p["val"]) for p in measured["points"])
 
@@ -146,12 +150,14 @@ def test_a_recipe_no_fit_knows_is_sized_by_the_nearest_saying_how_and_the_refit_
     assert "the nearest recipe's fit (1 setting differs)" in said
 
 
-GOOD = {"floor": -0.2, "scale": 1.1, "ratio": 1.0, "seconds": 9.5, "points": []}
+RUN = {"depth": 1, "params": 1000, "tokens": 4096, "val": 3.0, "predicted": 2.9}
+GOOD = {"floor": -0.2, "scale": 1.1, "ratio": 1.0, "seconds": 9.5, "points": [RUN, {**RUN, "tokens": 8192}]}
 
 
 @pytest.mark.parametrize("edit, trusted", [({}, True), ({"scale": 50.0}, False), ({"floor": math.nan}, False),
                                            ({"ratio": -1.0}, False), ({"seconds": "long"}, False),
-                                           ({"points": None}, False), ({"extra": 1}, False)])
+                                           ({"points": None}, False), ({"points": [RUN]}, False),
+                                           ({"extra": 1}, False)])
 def test_a_kept_calibration_is_read_back_only_where_it_is_one_a_measurement_gives(tmp_path, char_dataset, edit,
                                                                                   trusted):
     """A calibration kept with `edit` (its checksum recomputed, as an edit would) is read back as kept where it could

@@ -136,8 +136,7 @@ class Calibration:
             return ""
         runs = ", ".join(f"{p['tokens']:,}" for p in self.points)
         how = f"in {self.seconds:.1f} s" if self.how == MEASURED else f"{READ_BACK} (measured in {self.seconds:.1f} s)"
-        n = len(self.points)
-        return (f"its floor and scale measured on {dataset} {how}: {n} run{'s' * (n > 1)} of depth "
+        return (f"its floor and scale measured on {dataset} {how}: {len(self.points)} runs of depth "
                 f"{self.points[0]['depth']} of {runs} tokens, {self.floor:+.3f} + {self.scale:.3f} × the fit")
 
 
@@ -150,8 +149,7 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
               measure: bool = True) -> Calibration:
     """The data's floor and scale against `fit`, read back from the machine cache where this recipe was calibrated
     on this data, else (where it may `measure`) measured now on two runs of the family's smallest size (a third of
-    the steps `seconds` holds at its timed step, then twice as many where what is left holds them) and kept; else its
-    bytes per token alone, no points (what `seconds` holds is too few steps for a val that says the data's floor)."""
+    the steps `seconds` holds at its timed step, then twice as many) and kept; else its bytes per token alone."""
     ratio = bytes_per_token(meta) / fit.dataset["bytes_per_token"] if fit.dataset.get("bytes_per_token") else 1.0
     key = {"fit": json_sha256(fit.to_json()), "recipe": recipe(family.preset), "train": meta["train"]["sha256"],
            "val": meta["val"]["sha256"]}
@@ -169,10 +167,11 @@ def calibrate(family: Family, fit: SizeFit, machine: Machine, meta: dict[str, An
         return Calibration(ratio=ratio)
     point = functools.partial(_point, cfg, machine, meta, model.multiplied_params())
     points = [point(steps)]
-    # The second twice as long where what is left holds it at the first's pace, its loading and scoring included.
-    pace = (time.perf_counter() - began) / steps
-    longer = min(2 * steps, int((seconds - (time.perf_counter() - timed)) / pace))
-    points += [point(longer)] if longer >= 1.5 * steps else []
+    # The second twice as long where what is left holds it at the first's pace, else none (one run says no scale)
+    longer = min(2 * steps, int((seconds - (time.perf_counter() - timed)) / ((time.perf_counter() - began) / steps)))
+    if longer < 1.5 * steps:
+        return Calibration(ratio=ratio)
+    points.append(point(longer))
     for p in points:
         p["predicted"] = fit.surface.predict(p["params"], p["tokens"] * ratio)
     floor, scale = floor_and_scale(tuple(points))
@@ -188,6 +187,8 @@ def _not_calibration(kept: Any) -> str | None:
     figures = {"floor": (-100.0, 100.0), "scale": SCALES, "ratio": (1e-3, 1e3), "seconds": (0.0, 1e6)}
     if not isinstance(kept, dict) or set(kept) != {*figures, "points"} or not isinstance(kept["points"], list):
         return "a calibration that is not one"
+    if len(kept["points"]) != 2:  # an older lmlab's of one run: its floor mostly the untrained model's loss
+        return f"a calibration of {len(kept['points'])} runs, not two"
     wrong = [name for name, (low, high) in figures.items()
              if type(kept[name]) not in (int, float) or not low <= kept[name] <= high]
     return f"a calibration whose {wrong[0]} is {kept[wrong[0]]!r}" if wrong else None
@@ -195,10 +196,9 @@ def _not_calibration(kept: Any) -> str | None:
 
 def floor_and_scale(points: tuple[dict[str, Any], ...]) -> tuple[float, float]:
     """The line through two points' vals against the fit's predictions there; where it is too steep or too flat to be
-    the data's (the runs' noise on two close predictions), or there is one point, the fit's scale and the mean
-    shift."""
+    the data's (the runs' noise on two close predictions), the fit's scale and the mean shift."""
     xs, ys = [p["predicted"] for p in points], [p["val"] for p in points]
-    scale = (ys[1] - ys[0]) / (xs[1] - xs[0]) if len(points) == 2 and abs(xs[1] - xs[0]) > 1e-6 else math.nan
+    scale = (ys[1] - ys[0]) / (xs[1] - xs[0]) if abs(xs[1] - xs[0]) > 1e-6 else math.nan
     if not SCALES[0] <= scale <= SCALES[1]:
         scale = 1.0
     return (sum(ys) - scale * sum(xs)) / len(points), scale

@@ -185,7 +185,7 @@ def choose_size(preset: Path, cfg: RunConfig, started: float, machine: Machine, 
     notes = fit_notes(preset, found) if found else []
     if calibration and not calibration.points:
         why = ("a preview on a datasheet GPU measures nothing" if gpu else
-               f"{CALIBRATION_SHARE:.0%} of the budget holds too few steps of its smallest size")
+               f"{CALIBRATION_SHARE:.0%} of the budget holds too few steps for two runs of its smallest size")
         notes.append(f"{found.path if found else ''} was fitted on other data or another recipe, and its floor and "
                      f"scale on {cfg.data.dataset} were not measured ({why}): its predicted vals are in the fit's "
                      "units, its choice by the data's bytes per token")

@@ -24,7 +24,8 @@ def l2_bytes(folder: Path = CPU0) -> int:
     return UNKNOWN_L2
 
 
+@functools.cache
 def job_l2() -> int:
-    """The L2 caches of the cores a job may use: of them all, not of its threads now, which a load may lower, so that
-    what is sized to them (the chunks of an eager CPU step's loss) and the bits it computes stay the same."""
+    """The L2 caches of the cores a job may use, read once a process: not of its threads now, which a load may lower,
+    so that what is sized to them (an eager CPU step's loss chunks) and the bits it computes stay the same."""
     return l2_bytes() * most_threads()[0]

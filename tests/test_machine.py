@@ -23,7 +23,7 @@ from lmlab.core import cache, peak
 from lmlab.core.cache import cache_path
 from lmlab.core.config import ModelConfig, RunConfig, TrainConfig
 from lmlab.core.machine import GRAPHS_STEP, no_graphs
-from lmlab.core.peak import peak_flops, peak_key
+from lmlab.core.peak import peak_flops, peak_key, processor_identity
 from lmlab.model import build_model
 from lmlab.model.memory import remembered
 from lmlab.run.rundir import RunDir
@@ -151,9 +151,15 @@ def peak_read_back(edit: dict) -> float:
 
 def timing_read_back(edit: dict) -> Timing | None:
     """A tiny config's step timing kept with `edit`, then read back as a budget reads it (`timing.recall`)."""
-    machine, kept = a_machine(), Timing(torch.get_num_threads(), 0.5, 0.1, 0.1, 1000, 1.0, "fused")
+    machine, kept = a_machine(), Timing(torch.get_num_threads(), 0.5, 0.1, 1000, 1.0, 0.1, "fused")
     timing.keep(machine, TINY, dataclasses.replace(kept, **edit))
     return timing.recall(machine, TINY, build_model(TINY.model), "fused")
+
+
+def plot_read_back(kept: object) -> float:
+    """A redraw's seconds kept as `kept`, then read back as a budget reads them (`timing.plot_seconds`)."""
+    cache.keep("plot", processor_identity(torch.device("cpu")), kept)  # kept as it is: keeping checks nothing
+    return timing.plot_seconds()
 
 
 def memory_read_back(kept: object) -> list[int]:
@@ -170,13 +176,15 @@ def memory_read_back(kept: object) -> list[int]:
     *((timing_read_back, {name: value}, lambda timing: timing is None) for name, value in (
         ("step", 1e-9), ("step", -0.5), ("step", 0.0), ("step", math.nan), ("step", math.inf), ("step", "fast"),
         ("eval_batch", -1.0), ("checkpoint_bytes", None))),
+    *((plot_read_back, kept, lambda seconds: seconds == 0.0) for kept in (-0.5, math.nan, math.inf, "slow", None)),
     *((memory_read_back, kept, lambda bytes_: bytes_ == [7]) for kept in ([-1], ["a"], "text", [2**70], None)),
 ])
 def test_every_value_read_back_from_the_cache_is_checked_before_it_is_trusted(tmp_path, monkeypatch, read_back, edit,
                                                                             measured):
     """A value in the cache edited with its checksum recomputed (a peak past what the processor computes or of
-    another type, a step faster than its FLOPs at that ceiling, negative, NaN or text, a memory estimate that is no
-    count of bytes): its reader drops it with a note naming the entry and what it holds, and has the value again."""
+    another type, a step faster than its FLOPs at that ceiling, negative, NaN or text, a redraw's seconds that are
+    none, a memory estimate that is no count of bytes): its reader drops it with a note naming the entry and what it
+    holds, and has the value again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(peak, "SECONDS", 0.04)
     monkeypatch.setattr(peak, "_memo", {})
@@ -287,9 +295,9 @@ def test_compiling_is_a_rule_of_the_device_and_the_setting(setting):
 @pytest.mark.slow
 def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_dataset):
     """Two budgeted `lmlab train` processes of one shape on one cache: the first times the budget's step (its only
-    measurement besides the peak, which the session measured), the second reads it back and leaves the cache as it
-    was; each says its rules in one line and records them in its `machine` event; `sample` and `eval` of the run time
-    nothing."""
+    measurement besides the peak, which the session measured; its first redraw of loss.png is kept too), the second
+    reads it back, its plan counting that redraw, and leaves the timings as they were; each says its rules in one
+    line and records them in its `machine` event; `sample` and `eval` of the run time nothing."""
     config = write_config(tmp_path / "tiny.toml", char_dataset)
     settings = [a for s in ("train.attention=auto", "train.threads=0", "train.compile=false")
                 for a in ("--set", s)]
@@ -309,7 +317,7 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
             assert done.returncode == 0, done.stdout + done.stderr
             said.append(" ".join(done.stdout.split("machine: ", 1)[1].split("\n\n")[0].split()))
             if n == 1:
-                timings = _entries("timing")
+                timings, plots = _entries("timing"), _entries("plot")
         if not refusal:
             break
         seconds = roomier(seconds, refusal)
@@ -319,6 +327,10 @@ def test_a_second_train_of_the_same_shape_measures_nothing(tmp_path, char_datase
     assert "no CUDA graphs (not on this device)" in said[0] and "(measured)" in said[0]
     assert "(measured)" not in said[1] and "(read back)" in said[1], said[1]
     assert _entries("timing") == timings and len(timings) == 1
+    # the first run's redraw of loss.png, kept: the second's plan counts it for each evaluation
+    (plot,) = [entry["value"] for entry in plots.values()]
+    planned = next(e for e in RunDir(runs[1]).events() if e["event"] == "budget")
+    assert 0 < plot < 60 and planned["eval_seconds"] >= plot
     for run in runs:
         assert chosen(run, "graphs") == ("no CUDA graphs", "not on this device")
         assert chosen(run, "compile") == ("eager", "train.compile")

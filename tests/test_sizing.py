@@ -557,7 +557,7 @@ def test_the_climb_times_sizes_from_the_smallest_and_chooses_the_best_of_all(
     def timed(cfg, machine, deadline=math.inf, before=None) -> Timing:
         taken.append(cfg.model.n_layer)
         step = step_of(cfg)
-        return Timing(1, step, step / 2, 0.05, 4 * 10**6, timing_cost(step))
+        return Timing(1, step, step / 2, 4 * 10**6, timing_cost(step), 0.05)
 
     monkeypatch.setattr(size_search, "time_config", timed)
     started = time.perf_counter()
@@ -597,7 +597,7 @@ def test_size_auto_on_a_gpu_uses_the_presets_fit_and_weighs_each_size_at_what_it
         with torch.device("meta"):
             flops = build_model(cfg.model).flops_per_token() * cfg.train.batch_size * cfg.model.block_size
         step = 0.004 + flops / 1e12
-        return Timing(1, step, step / 2, 0.05, 10**7, 0.5)
+        return Timing(1, step, step / 2, 10**7, 0.5, 0.05)
 
     monkeypatch.setattr(size_search, "time_config", timed)
     cfg = with_vocab(load_config(preset, [f"data.dataset={char_dataset}", f"train.budget_seconds={budget}"]))
@@ -657,7 +657,7 @@ def test_each_depth_weighed_is_made_once_however_often_it_is_planned_and_timed(c
 
     def timed(cfg, machine, deadline=math.inf, before=None) -> Timing:
         step = 0.01 * cfg.model.n_layer ** 2
-        return Timing(1, step, step / 2, 0.05, 4 * 10**6, timing_cost(step))
+        return Timing(1, step, step / 2, 4 * 10**6, timing_cost(step), 0.05)
 
     monkeypatch.setattr(size_search, "time_config", timed)
     made = choose_size(preset, cfg, time.perf_counter(), a_machine())

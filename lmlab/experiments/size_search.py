@@ -32,10 +32,10 @@ from lmlab.train.optim import optimizer_of
 from lmlab.train.timing import (
     Timing,
     checkpoint_bytes,
+    plot_seconds,
     recall_config,
     refuse_untimed,
     time_config,
-    time_plot,
     timing_seconds,
 )
 
@@ -162,10 +162,10 @@ class Search:
         if self.gpu is not None:
             step = gpu_step_time(c.config, self.gpu.name, self.gpu.peak.dtype, compiled=False)
             batch = step.evaluation / max(1, c.config.train.eval_iters)  # one batch of each split
-            cost = time_plot() + timing_seconds(step.seconds, batch / 2)  # what `time_step` would spend there
+            cost = timing_seconds(step.seconds, batch / 2)  # what `time_step` would spend there
             self.foretold += cost
             bytes_written = checkpoint_bytes(c.params, c.config.train)
-            c.timing = Timing(0, step.seconds, batch, time_plot(), bytes_written, cost)
+            c.timing = Timing(0, step.seconds, batch, bytes_written, cost, plot_seconds())
             return
         try:
             c.timing = recall_config(c.config, c.model, self.machine) or \

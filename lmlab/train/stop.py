@@ -46,12 +46,13 @@ class Writes:
         self.logged[event["event"]] += 1
 
     def redraw(self) -> None:
-        """The run's loss.png drawn again, unless no event it shows was logged since it was last drawn."""
+        """The run's loss.png drawn again, unless no event it shows was logged since; the first drawing timed."""
         from lmlab.analysis.plots import LOSS_EVENTS, plot_losses  # not loaded by a closed output's stop
+        from lmlab.train.timing import kept_plot
 
         shown = sum(self.logged[kind] for kind in LOSS_EVENTS)
         if shown != self.drawn:
-            self(plot_losses, self.run_dir)
+            self(kept_plot if self.drawn < 0 else plot_losses, self.run_dir)
             self.drawn = shown
 
     def failure(self, step: int) -> UserError:
@@ -209,8 +210,7 @@ def stop_for_closed_output() -> bool:
 def peer_lost(said: str, run_dir: RunDir, step: int | None) -> PeerLost:
     """The sentence a job ends with when a collective failed because another process died or stopped answering
     (`said`: who was lost), and how to continue."""
-    saved = run_dir.step_folders()
-    when = f"after step {step}" if step else "during start-up"
+    saved, when = run_dir.step_folders(), f"after step {step}" if step else "during start-up"
     again = (f"its newest checkpoint ({saved[-1].name}) is whole: once every host is up and reaches the others, "
              f"run `lmlab train --resume {run_dir.path}` on each under the same torchrun command "
              "(with --max-restarts, torchrun continues on its own when the host joins again)" if saved else

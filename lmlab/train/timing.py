@@ -1,11 +1,10 @@
 """What a config's training costs on this machine now, timed before it trains (`time_step` on a run's own step,
-`time_config` on a model of its own): a training step, an evaluation's batch and a redraw of the loss plot; and, with
-a checkpoint's write and the end, the `Costs` a time budget is planned from (lmlab.train.budget). `lmlab plan
---budget`, `--size auto` and the trainer time alike, so they plan alike, and keep what they timed in the machine cache
-(lmlab.core.cache): a run of the same shape on the same threads reads it back (`recall_config`: no model built).
-Before a size is timed, the least its timing can measure (its FLOPs at the most a step computes here) says whether a
-budget could hold it at all (`refuse_untimed`).
-"""
+`time_config` on a model of its own): a training step and an evaluation's batch; and, with a redraw of the loss plot
+as a run here last drew one (`plot_seconds`), a checkpoint's write and the end, the `Costs` a time budget is planned
+from (lmlab.train.budget). `lmlab plan --budget`, `--size auto` and the trainer time alike, so they plan alike, and
+keep what they timed in the machine cache (lmlab.core.cache): a run of the same shape on the same threads reads it
+back (`recall_config`: no model built). Before a size is timed, the least its timing can measure (its FLOPs at the
+most a step computes here) says whether a budget could hold it at all (`refuse_untimed`)."""
 
 from __future__ import annotations
 
@@ -13,11 +12,9 @@ import dataclasses
 import functools
 import math
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,31 +37,32 @@ from lmlab.train.optim import optimizer_of
 from lmlab.train.step import TrainStep
 
 # Steps are timed for at least this long (one at least), after an untimed one that warms up, but no more than
-# MAX_STEPS of them; their median is the step. The budget plans its steps from it and `--size auto` its choice and
-# prediction, which a few steps would leave to one step's noise.
-TIMED_SECONDS = 1.0
+# MAX_STEPS; their median is the step, which the budget plans from (then follows the run's pace) and `--size auto`
+# chooses by. Longer timings spread as much, the machine's drift (benchmarks/step_timing.py), and delay a first start.
+TIMED_SECONDS = 0.4
 MAX_STEPS = 10
 EXIT_SECONDS = 0.3  # the process's exit after the end's plot: torch's and Python's teardown
 # A checkpoint is written at the page cache's pace (atomic and fsynced, the disk's own pace comes after the
 # process), after a fixed cost of its files' opening and renaming.
 CHECKPOINT_SECONDS = 0.05
 DISK_BYTES_PER_SECOND = 1e9
-KEPT = ("step", "eval_batch", "plot", "checkpoint_bytes", "cost")  # what the machine cache keeps of a `Timing`
+CPU = torch.device("cpu")  # a plot is drawn there
+KEPT = ("step", "eval_batch", "checkpoint_bytes", "cost")  # what the machine cache keeps of a `Timing`
 
 
 @dataclass(frozen=True)
 class Timing:
-    """A config timed: the threads it ran on, a step, an evaluation's batch (both splits) and a plot on them, the
-    bytes a checkpoint writes, and the seconds the timing took (read back: when it was measured, which a sizing's share
-    for timing counts); the attention path its step took, whether its steps were timed in full, and whether it was
-    measured now or read back."""
+    """A config timed: the threads it ran on, a step, an evaluation's batch (both splits), the bytes a checkpoint
+    writes, and the seconds the timing took (read back: when it was measured, which a sizing's share for timing
+    counts); a redraw of the loss plot (`plot_seconds`), the attention path its step took, whether its steps were
+    timed in full, and whether it was measured now or read back."""
 
     threads: int
     step: float
     eval_batch: float
-    plot: float
     checkpoint_bytes: int
     cost: float
+    plot: float = 0.0
     attention: str | None = None
     full: bool = True  # False: the deadline cut it short, its warm-up step (allocations included) the step
     how: str = MEASURED
@@ -110,7 +108,7 @@ def recall(machine: Machine, cfg: RunConfig, model: LanguageModel, attention: st
 
     kept = cache.recall("timing", timing_key(machine, cfg, attention), problem)
     return None if kept is None else Timing(torch.get_num_threads(), **{name: kept[name] for name in KEPT},
-                                            attention=attention, how=READ_BACK)
+                                            plot=plot_seconds(), attention=attention, how=READ_BACK)
 
 
 def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
@@ -124,13 +122,13 @@ def keep(machine: Machine, cfg: RunConfig, timing: Timing) -> None:
 def timing_key(machine: Machine, cfg: RunConfig, attention: str | None, threads: int = 0) -> dict[str, Any]:
     """What a config's `Timing` depends on: the machine (its processor, device, dtype and torch), the model and the
     code that computes it, the step's batch and optimizer, the attention path and the threads (default: torch's
-    now)."""
+    now); and the figures kept, so that an entry of other figures is not this one."""
     tc = cfg.train
     return {"processor": processor_identity(machine.device), "device": machine.device.type,
             "dtype": str(machine.dtype), "torch": torch.__version__, "model": dataclasses.asdict(cfg.model),
             "code": model_code(),
             "batch": tc.batch_size, "accum": tc.grad_accum_steps, "optimizer": tc.optimizer, "attention": attention,
-            "threads": threads or torch.get_num_threads()}
+            "threads": threads or torch.get_num_threads(), "figures": list(KEPT)}
 
 
 def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: Parallel, started: float,
@@ -161,7 +159,7 @@ def run_timing(step: TrainStep, cfg: RunConfig, meta: dict[str, Any], parallel: 
 def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree: Callable[[int], int] = int,
               micro: int = 0) -> Timing:
     """`cfg` timed on `step` (eager, random tokens, its batch and optimizer) on torch's threads now, which it leaves
-    untouched (`TrainStep.untouched`): a plot, a warm-up step, an evaluation's batch and steps for about
+    untouched (`TrainStep.untouched`): a warm-up step, an evaluation's batch and steps for about
     TIMED_SECONDS. A warm-up step that shows two steps ending past `deadline` (the budget's end) stands for the step (a
     timing not `full`, which no cache keeps): refused sooner. `agree` makes rank 0's count of steps every rank's, whose
     step runs `micro` of the micro-batches (default: all)."""
@@ -172,7 +170,6 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
     eager = functools.partial(step.eager_step, batches, len(batches), train.learning_rate)
     began = time.perf_counter()
     with step.untouched():
-        plot = time_plot()
         warm = timed(eager, device)  # the warm-up step, whose allocations the timed steps leave out
         step.model.eval()
         with torch.no_grad(), autocast(device, dtype):
@@ -181,13 +178,13 @@ def time_step(step: TrainStep, cfg: RunConfig, deadline: float = math.inf, agree
         fits = time.perf_counter() + 2 * warm <= deadline
         count = agree(min(MAX_STEPS, max(1, math.ceil(TIMED_SECONDS / max(warm, 1e-9)))) if fits else 0)
         times = [timed(eager, device) for _ in range(count)]
-    return Timing(torch.get_num_threads(), statistics.median(times or [warm]), 2 * evaluation, plot,
-                  checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, step.attention_path,
-                  full=bool(times))
+    return Timing(torch.get_num_threads(), statistics.median(times or [warm]), 2 * evaluation,
+                  checkpoint_bytes(step.model.num_params(), train), time.perf_counter() - began, plot_seconds(),
+                  step.attention_path, full=bool(times))
 
 
 def timing_seconds(step: float, batch: float) -> float:
-    """What `time_step` takes besides its plot, of a `step` of seconds and an evaluation's `batch` of one split: a
+    """What `time_step` takes, of a `step` of seconds and an evaluation's `batch` of one split: a
     warm-up step, the batch, and the timed steps (TIMED_SECONDS of them, one at least, MAX_STEPS at most)."""
     return step + batch + max(step, min(TIMED_SECONDS, MAX_STEPS * step))
 
@@ -213,8 +210,7 @@ def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, model: La
     intervals = cfg.intervals(meta["train"]["tokens"])
     step = flops_per_step / most
     forward = step / 3 / train.grad_accum_steps
-    least = Timing(0, step, 2 * forward, 0.0, checkpoint_bytes(model.num_params(), train),
-                   timing_seconds(step, forward))
+    least = Timing(0, step, 2 * forward, checkpoint_bytes(model.num_params(), train), timing_seconds(step, forward))
     try:
         plan(train.budget_seconds, spent + least.cost, least.costs(), train, intervals,
              windows_in(meta, "val", cfg.model.block_size))
@@ -224,14 +220,18 @@ def refuse_untimed(cfg: RunConfig, meta: dict[str, Any], spent: float, model: La
                                   f"{most / 1e12:.3g} TFLOP/s: {STEP_CEILING:g}x the peak, {peak.brief()})")) from None
 
 
-@functools.cache
-def time_plot() -> float:
-    """A redraw of a run's loss.png (of a run with no events yet), after matplotlib's import, which is start-up's;
-    timed once a process: the host's work, the same whatever the size timed."""
+def plot_seconds() -> float:
+    """A redraw of a run's loss.png on this host, as the last run here to draw one kept it (`kept_plot`); 0 before any
+    did: matplotlib's import and a first drawing are not start-up's, and a run's first evaluation, whose cost the
+    budget measures as the run goes, counts them."""
+    return cache.recall("plot", processor_identity(CPU), lambda kept: None if type(kept) in (int, float) and
+                        0 <= kept < math.inf else f"a redraw of {as_text(kept)} s") or 0.0
+
+
+def kept_plot(run: RunDir) -> None:
+    """A run's first drawing of its loss.png, its seconds (matplotlib imported) kept for `plot_seconds`."""
     pyplot()
-    with tempfile.TemporaryDirectory() as folder:
-        run = RunDir(Path(folder))
-        return timed(lambda: plot_losses(run, Path(folder) / "loss.png"), torch.device("cpu"))
+    cache.keep("plot", processor_identity(CPU), timed(lambda: plot_losses(run), CPU))
 
 
 def timed(run: Callable[[], object], device: torch.device) -> float:

@@ -127,7 +127,10 @@ def test_size_auto_on_other_data_measures_its_floor_and_scale_once_and_reads_the
     assert len(kept[0]) == 1 and kept[1] == kept[0]
     measured = next(iter(kept[0].values()))["value"]
     assert len(measured["points"]) == 2 and "2 runs of depth 1 of" in said[0], said[0]
-    assert measured["seconds"] <= 0.06 * 300  # its share
+    # the second run twice the first where the share held it at the first's pace (a busy machine's share, in wall
+    # time, is no verdict here: a load that comes between the runs slows the second)
+    first, second = (p["tokens"] for p in measured["points"])
+    assert 1.5 * first <= second <= 2 * first and 0 < measured["seconds"]
     assert all(math.isfinite(p["val"]) for p in measured["points"])
 
 

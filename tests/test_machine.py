@@ -39,6 +39,7 @@ from tests.helpers import (
     a_machine,
     chosen,
     forget_choices,
+    refused_process,
     roomier,
     trusted,
     write_config,
@@ -133,6 +134,20 @@ def test_a_command_goes_on_over_what_stands_in_the_caches_place_and_says_so_once
     notes = [note for note in " ".join((done.stdout + done.stderr).split()).split("note: ") if "machine cache" in note]
     assert len(notes) == 1 and f"{cache_home / 'lmlab' / name} " in notes[0] and said in notes[0], notes
     assert damage == "bytes" or not (cache_home / "lmlab" / name).is_file()
+
+
+@pytest.mark.slow
+def test_a_refused_command_says_the_caches_note_before_its_error_which_ends_it(tmp_path, char_dataset):
+    """A command refused after it found the machine cache damaged says the note first: its last line is why it
+    stopped, as every refusal's is."""
+    cache_home = tmp_path / "home"
+    (cache_home / "lmlab").mkdir(parents=True)
+    IN_ITS_PLACE["bytes"][0](cache_home / "lmlab" / "machine.json")
+    config = write_config(tmp_path / "tiny.toml", char_dataset)
+    done = subprocess.run([LMLAB, "plan", config, "--budget", "1s"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    error = refused_process(done, "give a budget of at least")
+    assert -1 < done.stderr.find("note: the machine cache ") < done.stderr.index(error), done.stderr
 
 
 TINY = RunConfig(model=ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20),

@@ -60,12 +60,9 @@ class Version(argparse.Action):
     each start)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import distributions
 
-        try:
-            torch = version("torch")
-        except PackageNotFoundError:
-            torch = "not installed"
+        torch = next((found.version for found in distributions(name="torch")), "not installed")
         print(f"lmlab {__version__} (torch {torch}, Python {platform.python_version()})")
         parser.exit()
 
@@ -132,7 +129,9 @@ def _say(message: str, own: bool = False) -> int:
     lost: the node's first process may be the one gone) it says itself, at once."""
     with suppress(BrokenPipeError):
         says = own or os.environ.get("LOCAL_RANK", "0") == "0"
-        if says:
+        if says:  # after the notes the command has not said yet: its last line is why it stopped
+            for note in cache.take_notes() if (cache := sys.modules.get("lmlab.core.cache")) else []:
+                print(f"note: {note}", file=sys.stderr)
             print(f"error: {message}", file=sys.stderr)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             # torchrun's own format; its summary prints `py_callstack`, which here is the sentence, not a traceback.
